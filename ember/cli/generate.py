@@ -1,0 +1,80 @@
+"""`ember generate`: stream a continuation (or a chat reply) of one prompt to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from ember.cli.options import add_model_options, add_sampling_options, load_model_from_args, sampling_params_from_args
+from ember.cli.progress import prefill_progress
+from ember.errors import EmberError
+
+
+def add_parser(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("generate", help="stream text from a prompt")
+    parser.add_argument("prompt", nargs="?", help="the prompt ('-' or nothing: read stdin)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--system", default=None, help="system prompt (with --chat)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print speed and memory at the end")
+    add_model_options(parser)
+    add_sampling_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise EmberError("the prompt is empty")
+    params = sampling_params_from_args(args)
+    handle = load_model_from_args(args)
+    if args.chat:
+        from ember.chat_template import ChatTemplate
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        template = ChatTemplate.for_tokenizer(handle.tokenizer)
+        prompt_ids = handle.encode(template.render(messages, add_generation_prompt=True), add_special_tokens=False)
+    else:
+        prompt_ids = handle.encode(prompt)
+
+    update, close = prefill_progress()
+    handle.engine.on_prefill_progress = update
+    started = time.perf_counter()
+    first_token_at = None
+    final = None
+    try:
+        for output in handle.stream(prompt_ids, params):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                close()
+            if output.text:
+                sys.stdout.write(output.text)
+                sys.stdout.flush()
+            final = output
+    finally:
+        close()
+        handle.engine.on_prefill_progress = None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose and final is not None:
+        finished_at = time.perf_counter()
+        computed = final.num_prompt_tokens - final.num_cached_tokens
+        prefill_seconds = (first_token_at or finished_at) - started
+        decode_tokens = max(final.num_generated_tokens - 1, 0)
+        decode_seconds = finished_at - (first_token_at or finished_at)
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"[{handle.info.format} {handle.info.quant} {str(handle.info.dtype).removeprefix('torch.')}] "
+            f"load {handle.info.load_seconds:.2f} s | "
+            f"prompt {computed} tok, {computed / max(prefill_seconds, 1e-9):.1f} tok/s | "
+            f"generation {final.num_generated_tokens} tok, "
+            f"{decode_tokens / max(decode_seconds, 1e-9):.1f} tok/s | "
+            f"finish {final.finish_reason} | peak memory {peak_mib:.0f} MiB",
+            file=sys.stderr,
+        )
+    return 0

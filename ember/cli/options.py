@@ -1,0 +1,73 @@
+"""Command-line options shared by several subcommands: model loading and sampling."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ember.loader import DEFAULT_MODEL, DTYPES, QUANT_MODES
+from ember.sampling import SamplingParams
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL,
+        help=f"HF folder, .gguf file or built-in name (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation/weight dtype")
+    group.add_argument(
+        "--quant", choices=list(QUANT_MODES), default=None,
+        help="weight form: none (exact float), int8, int4; default: float for safetensors, low-bit for GGUF",
+    )
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    group.add_argument("--context-length", type=int, default=None, help="cap the context (and cache) size")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    defaults = SamplingParams()
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", "-n", type=int, default=defaults.max_tokens)
+    group.add_argument("--temperature", "-t", type=float, default=defaults.temperature, help="0 = greedy")
+    group.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables")
+    group.add_argument("--top-p", type=float, default=defaults.top_p)
+    group.add_argument("--min-p", type=float, default=defaults.min_p)
+    group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    group.add_argument("--presence-penalty", type=float, default=defaults.presence_penalty)
+    group.add_argument("--frequency-penalty", type=float, default=defaults.frequency_penalty)
+    group.add_argument("--penalty-decay", type=float, default=defaults.penalty_decay)
+    group.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        penalty_decay=args.penalty_decay,
+        max_tokens=args.max_tokens,
+        stop=list(args.stop),
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, show_progress: bool = True) -> Any:
+    import torch
+
+    import ember
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return ember.load(
+        args.model,
+        dtype=args.dtype,
+        quant=args.quant,
+        context_length=args.context_length,
+    )

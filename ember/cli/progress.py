@@ -1,0 +1,37 @@
+"""Progress bars for the waits people notice: loading and long prompt processing.
+
+Bars go to stderr and appear only when a wait lasts more than a moment
+(tqdm's `delay`), so quick runs print nothing extra and piped stdout stays clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+SHOW_AFTER_SECONDS = 0.5
+
+
+def prefill_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A callback for `Engine.on_prefill_progress` and a function that closes the bar."""
+    state: dict[str, tqdm] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None or bar.total != total:
+            close()
+            bar = state["bar"] = tqdm(
+                total=total, desc="prompt", unit="tok", delay=SHOW_AFTER_SECONDS, leave=False
+            )
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            close()
+
+    def close() -> None:
+        bar = state.pop("bar", None)
+        if bar is not None:
+            bar.close()
+
+    return update, close

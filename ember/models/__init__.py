@@ -1,0 +1,34 @@
+"""Model architectures, found by the config's architecture name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ember.errors import UnsupportedArchitectureError
+from ember.formats.checkpoint import Checkpoint
+from ember.models.llama import LlamaModel
+
+# architecture -> model class; RWKV joins here as "rwkv".
+MODEL_CLASSES: dict[str, type] = {
+    "llama": LlamaModel,
+    "mistral": LlamaModel,
+    "qwen2": LlamaModel,
+}
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, quant: str, device: torch.device) -> Any:
+    from ember.quant.linear import make_linear
+
+    model_class = MODEL_CLASSES.get(checkpoint.config.architecture)
+    if model_class is None:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {checkpoint.config.architecture!r}; "
+            f"ember supports: {', '.join(MODEL_CLASSES)}"
+        )
+
+    def linear_factory(weights: list[Any], biases: list[torch.Tensor] | None) -> Any:
+        return make_linear(weights, biases, quant=quant, dtype=dtype, device=device)
+
+    return model_class(checkpoint.config, checkpoint.tensors, linear_factory, dtype=dtype, device=device)

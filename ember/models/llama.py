@@ -1,0 +1,194 @@
+"""Llama-family decoder: Llama, Mistral (sliding-window attention), Qwen2 (q/k/v bias), SmolLM.
+
+The whole transformer in one file. Weights arrive as named tensors in HF
+naming (`model.layers.{i}.self_attn.q_proj.weight`, ...), float or GGML
+block-quantized; the model fuses q/k/v and gate/up into single projections
+so each layer runs four matrix products, and hands weights to a linear
+factory that decides their in-memory form (float, int8, int4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ember import ops
+from ember.cache import KVCache
+from ember.config import ModelConfig
+from ember.errors import ModelLoadError
+from ember.models.batch import ForwardBatch
+from ember.quant.embedding import TokenEmbedding
+
+Weight = Any  # torch.Tensor or ember.quant.ggml_blocks.BlockQuantizedTensor
+LinearFactory = Callable[[list[Weight], list[torch.Tensor] | None], Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class LlamaLayer:
+    input_norm: torch.Tensor  # (hidden,)
+    qkv_proj: Callable[[torch.Tensor], torch.Tensor]  # hidden -> (heads + 2 * kv_heads) * head_dim
+    o_proj: Callable[[torch.Tensor], torch.Tensor]  # heads * head_dim -> hidden
+    post_attention_norm: torch.Tensor  # (hidden,)
+    gate_up_proj: Callable[[torch.Tensor], torch.Tensor]  # hidden -> 2 * intermediate
+    down_proj: Callable[[torch.Tensor], torch.Tensor]  # intermediate -> hidden
+
+
+class LlamaModel:
+    """forward(batch, kv_cache) -> logits; the only entry point the engine calls."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: dict[str, Weight],
+        linear_factory: LinearFactory,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        tensors = sanitize(config, tensors)
+        missing = [name for name in expected_tensor_names(config) if name not in tensors]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ModelLoadError(f"the checkpoint lacks tensor(s) {shown}")
+
+        def norm_weight(name: str) -> torch.Tensor:
+            return _as_float(tensors[name]).to(self.device, torch.float32)
+
+        def bias(name: str) -> torch.Tensor | None:
+            return _as_float(tensors[name]).to(self.device, dtype) if name in tensors else None
+
+        self.layers: list[LlamaLayer] = []
+        for index in range(config.num_layers):
+            prefix = f"model.layers.{index}."
+            attention = prefix + "self_attn."
+            qkv_names = [attention + f"{name}_proj" for name in ("q", "k", "v")]
+            qkv_biases = [bias(name + ".bias") for name in qkv_names]
+            self.layers.append(
+                LlamaLayer(
+                    input_norm=norm_weight(prefix + "input_layernorm.weight"),
+                    qkv_proj=linear_factory(
+                        [tensors[name + ".weight"] for name in qkv_names],
+                        qkv_biases if all(b is not None for b in qkv_biases) else None,
+                    ),
+                    o_proj=linear_factory([tensors[attention + "o_proj.weight"]], None),
+                    post_attention_norm=norm_weight(prefix + "post_attention_layernorm.weight"),
+                    gate_up_proj=linear_factory(
+                        [tensors[prefix + "mlp.gate_proj.weight"], tensors[prefix + "mlp.up_proj.weight"]], None
+                    ),
+                    down_proj=linear_factory([tensors[prefix + "mlp.down_proj.weight"]], None),
+                )
+            )
+        self.final_norm = norm_weight("model.norm.weight")
+        embedding_weight = tensors["model.embed_tokens.weight"]
+        output_weight = embedding_weight if config.tie_word_embeddings else tensors["lm_head.weight"]
+        self.lm_head = linear_factory([output_weight], None)
+        self.embed_tokens = TokenEmbedding(embedding_weight, dtype=dtype, device=self.device)
+
+        self.inverse_frequencies, _ = ops.rope_inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
+        self.inverse_frequencies = self.inverse_frequencies.to(self.device)
+        self._dynamic_rope = (config.rope_scaling or {}).get(
+            "rope_type", (config.rope_scaling or {}).get("type")
+        ) == "dynamic"
+        self._q_size = config.num_heads * config.head_dim
+        self._kv_size = config.num_kv_heads * config.head_dim
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """Logits (batch, new_tokens or 1, vocab) in float32 for the batch's new tokens."""
+        config = self.config
+        batch_size, num_new = batch.token_ids.shape
+        hidden = self.embed_tokens(batch.token_ids)  # (batch, new, hidden)
+        cos, sin = self._rope_tables(batch)  # (batch, new, head_dim)
+        num_keys = batch.num_keys
+        key_lengths = (
+            torch.tensor(batch.key_lengths, device=self.device) if batch.ragged and batch_size > 1 else None
+        )
+        for layer_index, layer in enumerate(self.layers):
+            normed = ops.rms_norm(hidden, layer.input_norm, config.rms_norm_eps)
+            qkv = layer.qkv_proj(normed)  # (batch, new, q + 2 * kv)
+            query, key, value = qkv.split((self._q_size, self._kv_size, self._kv_size), dim=-1)
+            query = query.view(batch_size, num_new, config.num_heads, config.head_dim).transpose(1, 2)
+            key = key.view(batch_size, num_new, config.num_kv_heads, config.head_dim).transpose(1, 2)
+            value = value.view(batch_size, num_new, config.num_kv_heads, config.head_dim).transpose(1, 2)
+            query = ops.apply_rope(query, cos, sin)  # (batch, heads, new, head_dim)
+            key = ops.apply_rope(key, cos, sin)  # (batch, kv_heads, new, head_dim)
+            kv_cache.write(layer_index, batch.slots, batch.start_positions, key, value)
+            keys, values = kv_cache.read(layer_index, batch.slots, num_keys)  # (batch, kv_heads, keys, head_dim)
+            attended = ops.attention(
+                query, keys, values, batch.positions, key_lengths, config.sliding_window
+            )  # (batch, heads, new, head_dim)
+            attended = attended.transpose(1, 2).reshape(batch_size, num_new, self._q_size)
+            hidden = hidden + layer.o_proj(attended)
+            normed = ops.rms_norm(hidden, layer.post_attention_norm, config.rms_norm_eps)
+            gate, up = layer.gate_up_proj(normed).chunk(2, dim=-1)
+            hidden = hidden + layer.down_proj(ops.swiglu(gate, up))
+        if not batch.all_logits:
+            hidden = hidden[:, -1:]
+        hidden = ops.rms_norm(hidden, self.final_norm, config.rms_norm_eps)
+        return self.lm_head(hidden).float()
+
+    def _rope_tables(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        inverse_frequencies = self.inverse_frequencies
+        if self._dynamic_rope:
+            inverse_frequencies = ops.dynamic_rope_inverse_frequencies(
+                self.config.head_dim,
+                self.config.rope_theta,
+                self.config.rope_scaling,
+                self.config.max_position_embeddings,
+                seq_len=batch.num_keys,
+            ).to(self.device)
+        return ops.rope_cos_sin(inverse_frequencies, batch.positions)
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of the weights in their in-memory form."""
+        linears = [self.lm_head] + [
+            projection
+            for layer in self.layers
+            for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+        ]
+        norms = sum(layer.input_norm.nbytes + layer.post_attention_norm.nbytes for layer in self.layers)
+        tied_output = self.config.tie_word_embeddings and self.embed_tokens.shares_storage_with(self.lm_head)
+        embedding = 0 if tied_output else self.embed_tokens.nbytes
+        return sum(linear.nbytes for linear in linears) + norms + embedding
+
+    def new_cache(self, memory_budget_bytes: int = 1 << 30, max_length: int | None = None) -> KVCache:
+        config = self.config
+        return KVCache(
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            max_length=max_length or config.max_position_embeddings,
+            dtype=self.dtype,
+            device=self.device,
+            memory_budget_bytes=memory_budget_bytes,
+        )
+
+
+def sanitize(config: ModelConfig, tensors: dict[str, Weight]) -> dict[str, Weight]:
+    """Checkpoint quirks: tied models may store the shared matrix under either name."""
+    if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
+        tensors = {**tensors, "model.embed_tokens.weight": tensors["lm_head.weight"]}
+    return tensors
+
+
+def expected_tensor_names(config: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for index in range(config.num_layers):
+        prefix = f"model.layers.{index}."
+        names += [prefix + "input_layernorm.weight", prefix + "post_attention_layernorm.weight"]
+        names += [prefix + f"self_attn.{name}_proj.weight" for name in "qkvo"]
+        names += [prefix + f"mlp.{name}_proj.weight" for name in ("gate", "up", "down")]
+    return names
+
+
+def _as_float(weight: Weight) -> torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize(torch.float32)

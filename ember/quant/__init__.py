@@ -1,0 +1,1 @@
+"""Low-bit weights: GGML block formats and packed low-bit linear layers."""

@@ -1,0 +1,146 @@
+"""Logits -> next token: the sampling settings and the per-sequence sampler.
+
+Order of processing (as HF does): penalties, temperature, top-k, top-p,
+min-p, then a draw from the sequence's own seeded generator, so a seed
+reproduces the same text whether the sequence runs alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ember.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 40  # 0 disables
+    top_p: float = 0.95  # 1 disables
+    min_p: float = 0.05  # 0 disables; drop tokens below min_p * p(top token)
+    repetition_penalty: float = 1.0  # HF-style: divide positive logits of seen tokens (prompt and output)
+    presence_penalty: float = 0.0  # OpenAI-style: subtract once for every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI-style: subtract per (decayed) occurrence in the output
+    penalty_decay: float = 1.0  # ChatRWKV-style: occurrence counts shrink by this factor each step
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (0 < self.penalty_decay <= 1, "penalty_decay must be in (0, 1]"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (validated); unknown names are an error."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidRequestError(f"unknown sampling setting(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+class Sampler:
+    """One sequence's sampling state: its random generator and penalty counts."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_token_ids: list[int]):
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        self.vocab_size = vocab_size
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # prompt + output, for repetition_penalty
+        if params.repetition_penalty != 1.0 and prompt_token_ids:
+            self.seen[torch.tensor(prompt_token_ids).clamp_(0, vocab_size - 1)] = True
+        self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)  # decayed occurrences in output
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token for the penalties."""
+        if not self.params.uses_penalties:
+            return
+        if self.params.penalty_decay != 1.0:
+            self.output_counts.mul_(self.params.penalty_decay)
+        self.output_counts[token_id] += 1.0
+        self.seen[token_id] = True
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Pick the next token from float32 logits (vocab,)."""
+        params = self.params
+        logits = logits[: self.vocab_size]
+        if params.uses_penalties:
+            logits = self._apply_penalties(logits.clone())
+        if params.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / params.temperature
+        if params.top_k and params.top_k < logits.shape[-1]:
+            candidate_logits, candidate_ids = torch.topk(logits, params.top_k)
+        else:
+            candidate_logits, candidate_ids = torch.sort(logits, descending=True)
+        probs = torch.softmax(candidate_logits, dim=-1)  # sorted, descending
+        if params.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (always the top token).
+            before = torch.cumsum(probs, dim=-1) - probs
+            probs = torch.where(before < params.top_p, probs, torch.zeros_like(probs))
+        if params.min_p > 0.0:
+            probs = torch.where(probs >= params.min_p * probs[0], probs, torch.zeros_like(probs))
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return int(candidate_ids[choice])
+
+    def _apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
+        params = self.params
+        if params.repetition_penalty != 1.0:
+            seen = self.seen
+            penalized = torch.where(
+                logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+            )
+            logits = torch.where(seen, penalized, logits)
+        if params.presence_penalty != 0.0:
+            logits = logits - params.presence_penalty * (self.output_counts > 0).float()
+        if params.frequency_penalty != 0.0:
+            logits = logits - params.frequency_penalty * self.output_counts
+        return logits
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Argmax of each row of (batch, vocab) logits in one call: the all-greedy fast path."""
+    return torch.argmax(logits, dim=-1).tolist()
