@@ -63,7 +63,9 @@ class KVCache:
         self.max_length = max_length
         self.dtype = dtype
         self.device = torch.device(device)
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = (
+            2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        )
         # The budget always admits one sequence of full context.
         self.memory_budget_bytes = max(memory_budget_bytes, self.bytes_per_token * max_length)
         self.capacity = min(initial_capacity, max_length)
@@ -134,7 +136,12 @@ class KVCache:
     # ------------------------------------------------------------ attention storage
 
     def write(
-        self, layer: int, slots: list[int], start_positions: list[int], keys: torch.Tensor, values: torch.Tensor
+        self,
+        layer: int,
+        slots: list[int],
+        start_positions: list[int],
+        keys: torch.Tensor,
+        values: torch.Tensor,
     ) -> None:
         """Store new keys/values (batch, kv_heads, new_tokens, head_dim) at each sequence's positions."""
         layer_keys, layer_values = self.keys[layer], self.values[layer]
@@ -210,7 +217,9 @@ class KVCache:
         num_slots = max(num_slots, len(self.entries_by_slot))
         shape = (num_slots, self.num_kv_heads, capacity, self.head_dim)
         new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_values = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)
+        ]
         old_entries = sorted(self.entries_by_slot.items())
         keep_in_place = all(slot < num_slots for slot, _ in old_entries)
         new_entries: dict[int, CacheEntry] = {}

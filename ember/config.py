@@ -20,6 +20,8 @@ from ember.errors import ModelLoadError, UnsupportedArchitectureError
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_ARCHITECTURES = LLAMA_FAMILY
 SUPPORTED_ROPE_SCALING = ("default", "linear", "dynamic", "llama3")
+# Optional tensor of per-frequency RoPE divisors: how GGUF files store llama3 scaling.
+ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
 
 
 @dataclass

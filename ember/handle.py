@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ember.cache import CacheEntry
 from ember.config import ModelConfig
 from ember.engine.engine import Engine
 from ember.engine.sequence import GenerationRequest, StepOutput
@@ -40,6 +41,7 @@ class ModelHandle:
         self.model = model
         self.engine = engine
         self.info = info
+        self._session_caches: dict[str, CacheEntry] = {}
 
     @property
     def config(self) -> ModelConfig:
@@ -48,6 +50,13 @@ class ModelHandle:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.checkpoint.tokenizer
+
+    def session_cache(self, key: str) -> CacheEntry:
+        """The cache entry a conversation keeps across turns (its contents may be evicted, never its text)."""
+        entry = self._session_caches.get(key)
+        if entry is None:
+            entry = self._session_caches[key] = CacheEntry()
+        return entry
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)

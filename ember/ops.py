@@ -100,7 +100,9 @@ def dynamic_rope_inverse_frequencies(
     """
     factor = float(scaling["factor"])
     seq_len = max(seq_len, max_position_embeddings)
-    base = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    base = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (
+        head_dim / (head_dim - 2)
+    )
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
@@ -110,7 +112,9 @@ def _rope_type(scaling: dict[str, Any] | None) -> str:
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def rope_cos_sin(inverse_frequencies: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inverse_frequencies: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (*positions.shape, head_dim) for integer positions, in float32."""
     angles = positions.float().unsqueeze(-1) * inverse_frequencies  # (..., head_dim/2)
     angles = torch.cat((angles, angles), dim=-1)  # (..., head_dim)

@@ -7,7 +7,12 @@ import resource
 import sys
 import time
 
-from ember.cli.options import add_model_options, add_sampling_options, load_model_from_args, sampling_params_from_args
+from ember.cli.options import (
+    add_model_options,
+    add_sampling_options,
+    load_model_from_args,
+    sampling_params_from_args,
+)
 from ember.cli.progress import prefill_progress
 from ember.errors import EmberError
 
@@ -38,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}
         ]
         template = ChatTemplate.for_tokenizer(handle.tokenizer)
-        prompt_ids = handle.encode(template.render(messages, add_generation_prompt=True), add_special_tokens=False)
+        prompt_ids = handle.encode(
+            template.render(messages, add_generation_prompt=True), add_special_tokens=False
+        )
     else:
         prompt_ids = handle.encode(prompt)
 

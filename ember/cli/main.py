@@ -12,7 +12,9 @@ from ember.errors import EmberError
 def build_parser() -> argparse.ArgumentParser:
     from ember.cli import generate, info
 
-    parser = argparse.ArgumentParser(prog="ember", description="Local LLM inference: generate, chat, benchmark.")
+    parser = argparse.ArgumentParser(
+        prog="ember", description="Local LLM inference: generate, chat, benchmark."
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_parser(subcommands)
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            print(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", file=sys.stderr)
+            print(
+                f"error: {type(error).__name__}: {error} (run with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 1
 
 

@@ -12,12 +12,16 @@ from ember.sampling import SamplingParams
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", "-m", default=DEFAULT_MODEL,
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
         help=f"HF folder, .gguf file or built-in name (default: {DEFAULT_MODEL})",
     )
     group.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation/weight dtype")
     group.add_argument(
-        "--quant", choices=list(QUANT_MODES), default=None,
+        "--quant",
+        choices=list(QUANT_MODES),
+        default=None,
         help="weight form: none (exact float), int8, int4; default: float for safetensors, low-bit for GGUF",
     )
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

@@ -47,6 +47,15 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.prefill_chunk_size = prefill_chunk_size
         self.stop_token_ids = frozenset(tokenizer.eos_token_ids)
+        # Some models spell their end marker out as ordinary tokens (TinyStories writes the
+        # text "<|end_story|>"); the marker's text stops generation like the token does.
+        self.stop_token_texts = sorted(
+            {
+                text
+                for text in (tokenizer.decode([i]).strip() for i in tokenizer.eos_token_ids)
+                if len(text) >= 3
+            }
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.on_prefill_progress: ProgressCallback | None = None
@@ -73,6 +82,7 @@ class Engine:
             request,
             Sampler(params, self.vocab_size, prompt),
             StreamingDetokenizer(self.tokenizer, context_token_ids=prompt),
+            extra_stop_strings=[] if params.ignore_eos else self.stop_token_texts,
         )
         sequence.max_tokens = min(params.max_tokens, self.context_length - len(prompt))
         self.waiting.append(sequence)
@@ -222,7 +232,9 @@ class Engine:
                 finish_reason = "stop"
             elif len(sequence.output_token_ids) >= sequence.max_tokens:
                 finish_reason = "length"
-                text += sequence.stop_matcher.feed(sequence.detokenizer.flush()) + sequence.stop_matcher.flush()
+                text += (
+                    sequence.stop_matcher.feed(sequence.detokenizer.flush()) + sequence.stop_matcher.flush()
+                )
         if finish_reason is not None:
             self._finish(sequence, finish_reason)
         return self._output(sequence, token_id, text)

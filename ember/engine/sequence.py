@@ -53,7 +53,13 @@ class StepOutput:
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, sampler: Sampler, detokenizer: StreamingDetokenizer):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        sampler: Sampler,
+        detokenizer: StreamingDetokenizer,
+        extra_stop_strings: list[str] | None = None,
+    ):
         self.request = request
         self.request_id = request.request_id
         self.params = request.sampling_params
@@ -61,7 +67,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.sampler = sampler
         self.detokenizer = detokenizer
-        self.stop_matcher = StopStringMatcher(self.params.stop)
+        self.stop_matcher = StopStringMatcher([*self.params.stop, *(extra_stop_strings or [])])
         self.status = SequenceStatus.WAITING
         self.cache_entry: CacheEntry | None = request.cache_entry
         self.num_cached_tokens = 0

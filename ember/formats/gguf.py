@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ _LAYER_NAMES = {
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama3-style RoPE: per-frequency divisors, which llama.cpp stores instead of rope_scaling.
 _ROPE_FREQS = "rope_freqs.weight"
+_ARRAY, _STRING = int(gguf.GGUFValueType.ARRAY), int(gguf.GGUFValueType.STRING)
 
 
 class _MappedReader(gguf.GGUFReader):
@@ -67,23 +68,29 @@ class _MappedReader(gguf.GGUFReader):
         self._plain_view = memmap.view(np.ndarray)
 
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
-        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+        if raw_type != _ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
-        item_type = self._get(orig_offs, np.uint32)
-        if item_type[0] != gguf.GGUFValueType.STRING:
+        item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        types = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(int(item_type[0]))]
+        offset, parts = orig_offs + 12, [item_type, count]
+        if item_type[0] == _STRING:
+            buffer = self._plain_view
+            for _ in range(int(count[0])):
+                (length,) = struct.unpack_from("<Q", buffer, offset)
+                end = offset + 8 + length
+                if end > buffer.size:
+                    raise ValueError("string runs past the end of the file")
+                parts += (buffer[offset : offset + 8].view(np.uint64), buffer[offset + 8 : end])
+                offset = end
+            return offset - orig_offs, parts, list(range(3, len(parts), 2)), types
+        scalar_type = self.gguf_scalar_to_np.get(types[1])
+        if scalar_type is None:  # arrays of arrays
             return super()._get_field_parts(orig_offs, raw_type)
-        count = self._get(orig_offs + 4, np.uint64)
-        buffer, offset = self._plain_view, orig_offs + 12
-        parts: list[np.ndarray] = [item_type, count]
-        for _ in range(int(count[0])):
-            (length,) = struct.unpack_from("<Q", buffer, offset)
-            end = offset + 8 + length
-            if end > buffer.size:
-                raise ValueError("string runs past the end of the file")
-            parts += (buffer[offset : offset + 8].view(np.uint64), buffer[offset + 8 : end])
-            offset = end
-        data_indices = list(range(3, len(parts), 2))
-        return offset - orig_offs, parts, data_indices, [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
+        values = self._get(offset, scalar_type, int(count[0]))
+        if len(values) != count[0]:
+            raise ValueError("array runs past the end of the file")
+        parts += [values[index : index + 1] for index in range(len(values))]
+        return 12 + values.nbytes, parts, list(range(2, len(parts))), types
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         """Check every tensor's type and byte range first: a truncated file fails with a clear message."""
@@ -99,7 +106,7 @@ class _MappedReader(gguf.GGUFReader):
             end = start_offs + int(relative_offset[0]) + int(np.prod(dims)) * block_bytes // block_values
             if end > file_size:
                 raise ModelLoadError(
-                    f"{Path(self._memmap.filename).name} is truncated: tensor {name!r} ends at byte {end} "
+                    f"{self._memmap.filename} is truncated: tensor {name!r} ends at byte {end} "
                     f"but the file has {file_size} bytes"
                 )
         super()._build_tensors(start_offs, fields)
@@ -199,7 +206,7 @@ def _open(path: Path) -> _MappedReader:
     except ModelLoadError:
         raise
     except Exception as error:  # the gguf package raises many kinds on a damaged header
-        raise ModelLoadError(f"{path} is truncated or corrupt: {type(error).__name__}: {error}") from None
+        raise ModelLoadError(f"{path} is truncated or corrupt (unreadable GGUF header: {error})") from None
     if reader.byte_order != "I":
         raise ModelLoadError(f"{path} is a big-endian GGUF file, which ember does not read")
     return reader
@@ -217,7 +224,9 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"ember reads: {', '.join(GGUF_ARCHITECTURES)}"
         )
     if metadata.get(f"{architecture}.expert_count", 0) > 0:
-        raise UnsupportedArchitectureError(f"{path.name} is a mixture-of-experts model, which ember does not run")
+        raise UnsupportedArchitectureError(
+            f"{path.name} is a mixture-of-experts model, which ember does not run"
+        )
 
     raw_tensors: dict[str, gguf.ReaderTensor] = {}
     rope_freq_factors = None
@@ -305,7 +314,9 @@ def _config_from_metadata(
         if scaling_factor is not None:
             rope_scaling["factor"] = _metadata_float(scaling_factor)
         if optional("rope.scaling.original_context_length") is not None:
-            rope_scaling["original_max_position_embeddings"] = optional("rope.scaling.original_context_length")
+            rope_scaling["original_max_position_embeddings"] = optional(
+                "rope.scaling.original_context_length"
+            )
 
     eos_ids = [
         metadata[key]
@@ -371,7 +382,9 @@ def _check_shapes(config: ModelConfig, raw_tensors: dict[str, gguf.ReaderTensor]
                 prefix + "self_attn.k_proj.bias": (key_value,),
                 prefix + "self_attn.v_proj.bias": (key_value,),
             }
-            if config.architecture == "llama":  # HF Llama's attention_bias covers o_proj too; Qwen2's does not
+            if (
+                config.architecture == "llama"
+            ):  # HF Llama's attention_bias covers o_proj too; Qwen2's does not
                 expected[prefix + "self_attn.o_proj.bias"] = (hidden,)
     for name, shape in expected.items():
         if name not in raw_tensors:
@@ -381,7 +394,9 @@ def _check_shapes(config: ModelConfig, raw_tensors: dict[str, gguf.ReaderTensor]
             raise ModelLoadError(f"tensor {name} in {path.name} has shape {actual}, expected {shape}")
     extra = sorted(set(raw_tensors) - set(expected))
     if extra:
-        raise ModelLoadError(f"{path.name} has tensors a {config.architecture} model does not use, e.g. {extra[0]}")
+        raise ModelLoadError(
+            f"{path.name} has tensors a {config.architecture} model does not use, e.g. {extra[0]}"
+        )
 
 
 def _float_tensor(tensor: gguf.ReaderTensor) -> torch.Tensor:
@@ -418,6 +433,9 @@ def _unpermute_rows(
     order = torch.arange(num_rows).view(num_heads, half, 2).transpose(1, 2).reshape(-1)
     if isinstance(tensor, BlockQuantizedTensor):
         return BlockQuantizedTensor(
-            name=tensor.name, quant_type=tensor.quant_type, shape=tensor.shape, data=tensor.data[order.numpy()]
+            name=tensor.name,
+            quant_type=tensor.quant_type,
+            shape=tensor.shape,
+            data=tensor.data[order.numpy()],
         )
     return tensor[order]

@@ -126,9 +126,24 @@ def _rules() -> dict[str, PreTokenizerRule]:
         ),
         (
             (
-                "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
-                "mellum", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion",
-                "granite-docling", "exaone4",
+                "gpt-2",
+                "phi-2",
+                "jina-es",
+                "jina-de",
+                "gigachat",
+                "jina-v2-es",
+                "jina-v2-de",
+                "a.x-4.0",
+                "mellum",
+                "jina-v1-en",
+                "jina-v2-code",
+                "roberta-bpe",
+                "mpt",
+                "olmo",
+                "jais",
+                "trillion",
+                "granite-docling",
+                "exaone4",
             ),  # fmt: skip
             PreTokenizerRule((_GPT2_SPLIT,)),
         ),
@@ -255,7 +270,9 @@ def _sentencepiece_backend(
     else:
         scores = metadata.get("tokenizer.ggml.scores")
         if not scores or len(scores) != len(tokens):
-            raise ModelLoadError("the GGUF 'llama' tokenizer has neither scores nor merges for its vocabulary")
+            raise ModelLoadError(
+                "the GGUF 'llama' tokenizer has neither scores nor merges for its vocabulary"
+            )
         merges = _merges_from_scores(tokens, token_types, scores)
     unk_id = _token_id(metadata, "unknown_token_id", 0, len(tokens))
     backend = tokenizers.Tokenizer(
@@ -280,14 +297,16 @@ def _sentencepiece_backend(
     return backend
 
 
-def _merges_from_scores(tokens: list[str], token_types: list[int], scores: list[float]) -> list[tuple[str, str]]:
+def _merges_from_scores(
+    tokens: list[str], token_types: list[int], scores: list[float]
+) -> list[tuple[str, str]]:
     """Every split of a token into two tokens, best-scored result first.
 
     Only normal and user-defined tokens take part: SentencePiece never builds control, byte or
     unused pieces by merging.
     """
     mergeable = {TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED}
-    pieces = {token for token, token_type in zip(tokens, token_types) if token_type in mergeable}
+    pieces = {token for token, token_type in zip(tokens, token_types, strict=True) if token_type in mergeable}
     ranked = []
     for index, token in enumerate(tokens):
         if len(token) < 2 or token_types[index] not in mergeable:
@@ -307,12 +326,12 @@ def _add_special_tokens(
     ones are matched whole but stay ordinary text, as llama.cpp and transformers treat them."""
     special = [
         AddedToken(token, special=True, normalized=False)
-        for index, (token, token_type) in enumerate(zip(tokens, token_types))
+        for index, (token, token_type) in enumerate(zip(tokens, token_types, strict=True))
         if token_type in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN) or index in named_ids
     ]
     user_defined = [
         AddedToken(token, special=False, normalized=False)
-        for index, (token, token_type) in enumerate(zip(tokens, token_types))
+        for index, (token, token_type) in enumerate(zip(tokens, token_types, strict=True))
         if token_type == TOKEN_TYPE_USER_DEFINED and index not in named_ids
     ]
     if special:

@@ -17,7 +17,7 @@ import torch
 
 from ember import ops
 from ember.cache import KVCache
-from ember.config import ModelConfig
+from ember.config import ROPE_FREQ_FACTORS, ModelConfig
 from ember.errors import ModelLoadError
 from ember.models.batch import ForwardBatch
 from ember.quant.embedding import TokenEmbedding
@@ -78,7 +78,8 @@ class LlamaModel:
                     o_proj=linear_factory([tensors[attention + "o_proj.weight"]], None),
                     post_attention_norm=norm_weight(prefix + "post_attention_layernorm.weight"),
                     gate_up_proj=linear_factory(
-                        [tensors[prefix + "mlp.gate_proj.weight"], tensors[prefix + "mlp.up_proj.weight"]], None
+                        [tensors[prefix + "mlp.gate_proj.weight"], tensors[prefix + "mlp.up_proj.weight"]],
+                        None,
                     ),
                     down_proj=linear_factory([tensors[prefix + "mlp.down_proj.weight"]], None),
                 )
@@ -92,6 +93,9 @@ class LlamaModel:
         self.inverse_frequencies, _ = ops.rope_inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
+        freq_factors = tensors.get(ROPE_FREQ_FACTORS)  # llama3 RoPE as stored by GGUF files
+        if freq_factors is not None:
+            self.inverse_frequencies = self.inverse_frequencies / _as_float(freq_factors).float().reshape(-1)
         self.inverse_frequencies = self.inverse_frequencies.to(self.device)
         self._dynamic_rope = (config.rope_scaling or {}).get(
             "rope_type", (config.rope_scaling or {}).get("type")
@@ -120,7 +124,9 @@ class LlamaModel:
             query = ops.apply_rope(query, cos, sin)  # (batch, heads, new, head_dim)
             key = ops.apply_rope(key, cos, sin)  # (batch, kv_heads, new, head_dim)
             kv_cache.write(layer_index, batch.slots, batch.start_positions, key, value)
-            keys, values = kv_cache.read(layer_index, batch.slots, num_keys)  # (batch, kv_heads, keys, head_dim)
+            keys, values = kv_cache.read(
+                layer_index, batch.slots, num_keys
+            )  # (batch, kv_heads, keys, head_dim)
             attended = ops.attention(
                 query, keys, values, batch.positions, key_lengths, config.sliding_window
             )  # (batch, heads, new, head_dim)
@@ -173,7 +179,11 @@ class LlamaModel:
 
 def sanitize(config: ModelConfig, tensors: dict[str, Weight]) -> dict[str, Weight]:
     """Checkpoint quirks: tied models may store the shared matrix under either name."""
-    if config.tie_word_embeddings and "model.embed_tokens.weight" not in tensors and "lm_head.weight" in tensors:
+    if (
+        config.tie_word_embeddings
+        and "model.embed_tokens.weight" not in tensors
+        and "lm_head.weight" in tensors
+    ):
         tensors = {**tensors, "model.embed_tokens.weight": tensors["lm_head.weight"]}
     return tensors
 

@@ -1,0 +1,224 @@
+"""`ember bench`: ember's speed and memory, optionally beside llama.cpp and transformers in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ember.cli.options import add_model_options, load_model_from_args
+from ember.errors import EmberError
+
+PEERS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "peers"
+LLAMACPP_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp" / "bin"
+
+
+def add_parser(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "bench", help="measure speed and memory (--compare: beside llama.cpp, transformers)"
+    )
+    add_model_options(parser)
+    parser.add_argument("--batches", default="1,4,8,16", help="decode batch sizes (default 1,4,8,16)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--compare", action="store_true", help="also run the peers' benchmark scripts")
+    parser.add_argument("--peers-dir", default=str(PEERS_DIR), help="folder with bench-llamacpp.sh etc.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (a smoke test)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.prompt_tokens, args.decode_tokens, args.repetitions = 64, 16, 1
+    batches = [int(size) for size in args.batches.split(",") if size]
+    log = (lambda message: None) if args.json else (lambda message: print(message, file=sys.stderr))
+
+    log("measuring cold start (a fresh process, load to first token)...")
+    cold = cold_start(args)
+    handle = load_model_from_args(args)
+    from ember import benchmark
+
+    log(f"measuring prefill of {args.prompt_tokens} tokens...")
+    results: dict[str, Any] = {
+        "model": str(handle.info.path),
+        "format": handle.info.format,
+        "quant": handle.info.quant,
+        "dtype": str(handle.info.dtype).removeprefix("torch."),
+        "threads": _threads(),
+        "load_s": round(handle.info.load_seconds, 3),
+        "ttft_cold_s": cold["ttft_s"],
+        "peak_rss_mib": cold["peak_rss_mib"],
+    }
+    results["prefill_tok_s"] = round(
+        benchmark.prefill_tokens_per_second(handle, args.prompt_tokens, args.repetitions), 1
+    )
+    by_batch: dict[str, float] = {}
+    for batch_size in batches:
+        log(f"measuring decode at batch {batch_size}...")
+        by_batch[str(batch_size)] = round(
+            benchmark.decode_tokens_per_second(handle, batch_size, args.decode_tokens, args.repetitions), 1
+        )
+    results["decode_tok_s"] = by_batch.get("1")
+    results["decode_tok_s_by_batch"] = by_batch
+    log("measuring chat time to first token, turns 1 to 10...")
+    ttft = benchmark.chat_time_to_first_token(handle)
+    results["ttft_turn1_s"] = round(ttft[1], 3)
+    results["ttft_turn10_s"] = round(ttft[max(ttft)], 3)
+
+    if args.compare:
+        del handle  # free memory before the peers run
+        results["peers"] = run_peers(args, log)
+        results["ratios"] = ratios(results)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print_table(results)
+    return 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def cold_start(args: argparse.Namespace) -> dict[str, float]:
+    """A new `ember generate` process: seconds to its first token, and its peak memory at batch 1."""
+    command = [
+        sys.executable,
+        "-m",
+        "ember.cli.main",
+        "generate",
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+    ]
+    if args.quant:
+        command += ["--quant", args.quant]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    command += [
+        "--verbose",
+        "--ignore-eos",
+        "-n",
+        str(args.decode_tokens),
+        "-t",
+        "0",
+        "--chat",
+        "Tell me a story.",
+    ]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.read(1)
+    ttft = time.perf_counter() - started
+    _, stderr = process.communicate(timeout=600)
+    if process.returncode != 0 or not first:
+        raise EmberError(f"the cold-start run failed: {stderr.decode(errors='replace').strip()[-300:]}")
+    peak = re.search(r"peak memory (\d+) MiB", stderr.decode(errors="replace"))
+    return {"ttft_s": round(ttft, 3), "peak_rss_mib": float(peak.group(1)) if peak else None}
+
+
+def run_peers(args: argparse.Namespace, log) -> dict[str, Any]:
+    """llama.cpp (when built) and transformers (when importable), on the same model file, now."""
+    from ember.loader import resolve_model_path
+
+    peers: dict[str, Any] = {}
+    model_path = resolve_model_path(args.model)
+    peers_dir = Path(args.peers_dir)
+    threads = str(args.threads or _threads())
+    env = {**os.environ, "THREADS": threads}
+    if model_path.suffix == ".gguf" and (LLAMACPP_BIN / "llama-bench").exists():
+        log("running llama.cpp (bench-llamacpp.sh)...")
+        peers["llama.cpp"] = _json_line(["bash", str(peers_dir / "bench-llamacpp.sh"), str(model_path)], env)
+        peers["llama.cpp"]["peak_rss_mib"] = _llamacpp_peak_rss(model_path, threads)
+    else:
+        peers["llama.cpp"] = {"skipped": f"not built: run {peers_dir / 'build-llamacpp.sh'}"}
+    try:
+        import transformers  # noqa: F401
+
+        log("running transformers float32 (bench-transformers.py)...")
+        command = [sys.executable, str(peers_dir / "bench-transformers.py"), str(model_path.parent)]
+        if model_path.suffix == ".gguf":
+            command += ["--gguf", model_path.name]
+        command += ["--threads", threads, "--batches", "1,8"]
+        peers["transformers"] = _json_line(command, env)
+    except ImportError:
+        peers["transformers"] = {"skipped": "transformers is not installed"}
+    return peers
+
+
+def _json_line(command: list[str], env: dict[str, str]) -> dict[str, Any]:
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        return {"error": (result.stderr.strip() or result.stdout.strip())[-300:]}
+    return json.loads(lines[-1])
+
+
+def _llamacpp_peak_rss(model_path: Path, threads: str) -> float | None:
+    """Peak RSS of llama-cli generating 128 tokens at batch 1 (GNU time's maximum resident set)."""
+    cli = LLAMACPP_BIN / "llama-cli"
+    if not cli.exists() or not Path("/usr/bin/time").exists():
+        return None
+    command = ["/usr/bin/time", "-v", str(cli), "-m", str(model_path), "-t", threads, "-n", "128",
+               "-p", "Tell me a story.", "-no-cnv", "--temp", "0"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    return round(int(match.group(1)) / 1024) if match else None
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """ember / peer for each figure the targets name (higher is better, except memory)."""
+    llama = results["peers"].get("llama.cpp", {})
+    hf = results["peers"].get("transformers", {})
+
+    def ratio(ours: float | None, theirs: float | None) -> float | None:
+        return round(ours / theirs, 2) if ours and theirs else None
+
+    by_batch = results["decode_tok_s_by_batch"]
+    return {
+        "decode_b1_vs_llamacpp_tg128": ratio(results["decode_tok_s"], llama.get("tg128")),
+        "prefill_vs_llamacpp_pp512": ratio(results["prefill_tok_s"], llama.get("pp512")),
+        "prefill_vs_transformers": ratio(results["prefill_tok_s"], hf.get("prefill512")),
+        "decode_b8_vs_llamacpp_batched8": ratio(by_batch.get("8"), (llama.get("batched") or {}).get("8")),
+        "peak_rss_vs_llamacpp": ratio(results["peak_rss_mib"], llama.get("peak_rss_mib")),
+        "decode_b1_vs_transformers": ratio(results["decode_tok_s"], (hf.get("decode") or {}).get("1")),
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = [
+        (
+            "model",
+            f"{Path(results['model']).name} ({results['format']}, {results['quant']}, {results['dtype']})",
+        ),
+        ("threads", results["threads"]),
+        ("load", f"{results['load_s']:.2f} s"),
+        ("time to first token, cold process", f"{results['ttft_cold_s']:.2f} s"),
+        ("prefill", f"{results['prefill_tok_s']:.1f} tok/s"),
+    ]
+    rows += [
+        (f"decode, {size} sequence(s)", f"{value:.1f} tok/s")
+        for size, value in results["decode_tok_s_by_batch"].items()
+    ]
+    rows += [
+        ("chat time to first token, turn 1", f"{results['ttft_turn1_s'] * 1000:.0f} ms"),
+        ("chat time to first token, turn 10", f"{results['ttft_turn10_s'] * 1000:.0f} ms"),
+        ("peak resident memory (batch 1)", f"{results['peak_rss_mib']} MiB"),
+    ]
+    for name, figures in results.get("peers", {}).items():
+        rows.append((f"peer: {name}", json.dumps(figures)))
+    for name, value in results.get("ratios", {}).items():
+        rows.append((f"ratio {name}", "n/a" if value is None else f"{value:.2f}x"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")

@@ -1,0 +1,338 @@
+"""A 4-bit matrix-vector kernel for AVX-512 CPUs, built on first use.
+
+PyTorch's stock CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) only vectorizes
+bfloat16 activations, rounds the group scales to bfloat16 and dequantizes every
+weight into float32 before its multiply. This kernel keeps 16 output rows
+interleaved per tile so that one `vdpbf16ps` multiplies 16 rows by two inputs;
+a nibble q becomes the bfloat16 number 128 + q with one bit operation, and the
+128 is taken back out per group. Scales and minimums stay float16 (exact for
+GGUF Q4_0 / Q4_1), the activations are rounded to bfloat16, the sums are float32.
+Measured on 2 Zen 5 cores it is about 2x the stock kernel at 1 to 8 rows.
+
+The C++ source below compiles in about a second with the system `g++` into a
+cache folder and is called through ctypes (no torch headers to compile). Where
+there is no compiler, no AVX-512 BF16, or the build fails, `load()` returns None
+and callers use a stock PyTorch path instead.
+
+Tile layout, one tile = 16 output rows, one block = 32 inputs, 320 bytes:
+  bytes 0..255    128 little-endian uint16 words, 4 groups (j) of 32 words; nibble
+                  s of word (2r + e) of group j is the code of row r, input 8j + 2s + e
+  bytes 256..287  16 float16 scales d (one per row)
+  bytes 288..319  16 float16 minimums m; value = d * q + m
+Tiles are stored (tiles, blocks, 320): each tile's blocks are contiguous.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+TILE_ROWS = 16
+BLOCK = 32
+TILE_BLOCK_BYTES = 320
+_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
+_COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kRows = 16, kBlock = 32, kTileBlockBytes = 320;
+
+// Field s of each 16-bit word, OR-ed into the bits of bfloat16 128.0: the bfloat16 value 128 + q.
+template <int S>
+inline __m512i field_plus_128(__m512i words) {
+    const __m512i low4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+    __m512i shifted = S == 0 ? words : _mm512_srli_epi16(words, 4 * S);
+    return _mm512_ternarylogic_epi32(shifted, low4, bias, 0xEA);  // (shifted & low4) | bias
+}
+
+template <int S>
+inline __m512i field(__m512i words) {
+    __m512i shifted = S == 0 ? words : _mm512_srli_epi16(words, 4 * S);
+    return _mm512_and_si512(shifted, _mm512_set1_epi16(0x000F));
+}
+
+// One tile (16 rows) times M activation rows. CHAINS independent partial sums hide vdpbf16ps latency.
+template <int M, int CHAINS>
+inline void tile_product(const uint8_t* tile, int64_t blocks, const uint16_t* xb, const float* xsum,
+                         int64_t K, float out[][kRows]) {
+    __m512 acc[M];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t* blk = tile + b * kTileBlockBytes;
+        __m512 dot[M][CHAINS];
+        for (int m = 0; m < M; m++)
+            for (int c = 0; c < CHAINS; c++) dot[m][c] = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            __m512i words = _mm512_loadu_si512((const void*)(blk + 64 * j));
+            __m512i f[4] = {field_plus_128<0>(words), field_plus_128<1>(words),
+                            field_plus_128<2>(words), field_plus_128<3>(words)};
+            for (int s = 0; s < 4; s++) {
+                const int64_t k = b * kBlock + 8 * j + 2 * s;
+                for (int m = 0; m < M; m++) {
+                    int32_t pair;
+                    std::memcpy(&pair, xb + m * K + k, 4);
+                    __m512 &d = dot[m][(4 * j + s) % CHAINS];
+                    d = _mm512_dpbf16_ps(d, (__m512bh)f[s], (__m512bh)_mm512_set1_epi32(pair));
+                }
+            }
+        }
+        __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 256)));
+        __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 288)));
+        for (int m = 0; m < M; m++) {
+            __m512 sum = dot[m][0];
+            for (int c = 1; c < CHAINS; c++) sum = _mm512_add_ps(sum, dot[m][c]);
+            __m512 xs = _mm512_set1_ps(xsum[m * blocks + b]);
+            sum = _mm512_fnmadd_ps(xs, _mm512_set1_ps(128.0f), sum);  // sum(q * x) of this block
+            acc[m] = _mm512_fmadd_ps(sum, scale, acc[m]);
+            acc[m] = _mm512_fmadd_ps(minimum, xs, acc[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(out[m], acc[m]);
+}
+
+template <int M>
+void product_rows(const uint8_t* packed, int64_t tiles, int64_t blocks, const uint16_t* xb, const float* xsum,
+                  int64_t K, int64_t N, float* y, int nthreads) {
+    constexpr int CHAINS = M == 1 ? 4 : (M == 2 ? 2 : 1);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && tiles > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        float out[M][kRows];
+        tile_product<M, CHAINS>(packed + t * blocks * kTileBlockBytes, blocks, xb, xsum, K, out);
+        const int64_t rows = std::min<int64_t>(kRows, N - t * kRows);
+        for (int m = 0; m < M; m++) std::memcpy(y + m * N + t * kRows, out[m], rows * sizeof(float));
+    }
+}
+
+}  // namespace
+
+extern "C" int ember_int4_abi_version() { return 1; }
+
+// y (M, N) float32 = x (M, K) float32 times the packed (N, K) weight, transposed.
+extern "C" void ember_int4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N,
+                                  float* y, int nthreads) {
+    const int64_t blocks = K / kBlock, tiles = (N + kRows - 1) / kRows;
+    std::vector<uint16_t> xb(M * K);
+    std::vector<float> xsum(M * blocks);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const float* src = x + m * K + b * kBlock;
+            __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+            _mm512_storeu_si512((void*)(xb.data() + m * K + b * kBlock), (__m512i)pairs);
+            __m512i bits = (__m512i)pairs;  // the block sum of the rounded values, as the kernel sees them
+            __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+            __m512 high = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF0000)));
+            xsum[m * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(low, high));
+        }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int64_t count = std::min<int64_t>(8, M - m0);
+        const uint16_t* xm = xb.data() + m0 * K;
+        const float* sm = xsum.data() + m0 * blocks;
+        float* ym = y + m0 * N;
+        switch (count) {
+            case 1: product_rows<1>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            case 2: product_rows<2>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            case 3: product_rows<3>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            case 4: product_rows<4>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            case 5: product_rows<5>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            case 6: product_rows<6>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            case 7: product_rows<7>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+            default: product_rows<8>(packed, tiles, blocks, xm, sm, K, N, ym, nthreads); break;
+        }
+    }
+}
+
+// out (K, N), float32 (out_bf16 == 0) or bfloat16: the dequantized weight, transposed, d * q + m
+// computed as one fused multiply-add (exact for Q4_0 / Q4_1, whose d * q is exact in float32).
+extern "C" void ember_int4_dequantize_transposed(const uint8_t* packed, int64_t N, int64_t K, void* out,
+                                                 int out_bf16, int nthreads) {
+    const int64_t blocks = K / kBlock, tiles = (N + kRows - 1) / kRows;
+    // word lanes are (row, e) interleaved; gather the e = 0 lanes first, then the e = 1 lanes
+    alignas(64) static const uint16_t order[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                                   1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    const __m512i deinterleave = _mm512_load_si512((const void*)order);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && tiles > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t rows = std::min<int64_t>(kRows, N - t * kRows);
+        const __mmask16 mask = (__mmask16)((1u << rows) - 1u);
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t* blk = packed + (t * blocks + b) * kTileBlockBytes;
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 256)));
+            __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 288)));
+            for (int j = 0; j < 4; j++) {
+                __m512i words = _mm512_loadu_si512((const void*)(blk + 64 * j));
+                __m512i f[4] = {field<0>(words), field<1>(words), field<2>(words), field<3>(words)};
+                for (int s = 0; s < 4; s++) {
+                    __m512i q = _mm512_permutexvar_epi16(deinterleave, f[s]);
+                    for (int e = 0; e < 2; e++) {
+                        __m256i half = e == 0 ? _mm512_castsi512_si256(q) : _mm512_extracti64x4_epi64(q, 1);
+                        __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(half));
+                        __m512 value = _mm512_fmadd_ps(code, scale, minimum);
+                        const int64_t k = b * kBlock + 8 * j + 2 * s + e;
+                        if (out_bf16) {
+                            uint16_t* dst = (uint16_t*)out + k * N + t * kRows;
+                            _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(value));
+                        } else {
+                            float* dst = (float*)out + k * N + t * kRows;
+                            _mm512_mask_storeu_ps(dst, mask, value);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+"""
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+failure_reason: str | None = None  # why load() returned None, for reports and tests
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ember" / "kernels"
+
+
+def _build(flags: set[str]) -> Path:
+    """Compile SOURCE into the cache (once per source, flags and CPU), atomically."""
+    key = hashlib.sha256(
+        "\n".join([SOURCE, " ".join(_COMPILE_FLAGS), " ".join(sorted(flags))]).encode()
+    ).hexdigest()[:16]
+    folder = _cache_folder()
+    library_path = folder / f"ember_int4_{key}.so"
+    if library_path.exists():
+        return library_path
+    folder.mkdir(parents=True, exist_ok=True)
+    compiler = os.environ.get("CXX", "g++")
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        source_path = Path(scratch) / "ember_int4.cpp"
+        source_path.write_text(SOURCE)
+        output_path = Path(scratch) / "ember_int4.so"
+        subprocess.run(
+            [compiler, *_COMPILE_FLAGS, str(source_path), "-o", str(output_path)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(output_path, library_path)
+    return library_path
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where this machine cannot build or run it."""
+    global _library, _tried, failure_reason
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        flags = _cpu_flags()
+        missing = [flag for flag in _REQUIRED_CPU_FLAGS if flag not in flags]
+        if sys.platform != "linux" or missing:
+            failure_reason = f"CPU lacks {', '.join(missing)}" if missing else "not Linux"
+            return None
+        # torch is imported first, so the library's libgomp.so.1 resolves to torch's: one OpenMP pool
+        try:
+            library = ctypes.CDLL(str(_build(flags)))
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            failure_reason = f"build failed: {error} {detail.decode(errors='replace')[:300]}".strip()
+            return None
+        i64, pointer = ctypes.c_int64, ctypes.c_void_p
+        library.ember_int4_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, ctypes.c_int]
+        library.ember_int4_matmul.restype = None
+        library.ember_int4_dequantize_transposed.argtypes = [
+            pointer,
+            i64,
+            i64,
+            pointer,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        library.ember_int4_dequantize_transposed.restype = None
+        _library = library
+        return _library
+
+
+def pack_tiles(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) uint8 in 0..15, scales and minimums (N, K/32) -> tiles (ceil(N/16), K/32, 320) uint8.
+
+    Scales and minimums are stored as float16 (exact for GGUF Q4_0 / Q4_1). Rows
+    are padded to a multiple of 16 with zero codes and zero scales.
+    """
+    rows, columns = codes.shape
+    blocks = columns // BLOCK
+    tiles = -(-rows // TILE_ROWS)
+    padding = tiles * TILE_ROWS - rows
+    if padding:
+        codes = torch.cat((codes, codes.new_zeros(padding, columns)))
+        scales = torch.cat((scales, scales.new_zeros(padding, blocks)))
+        minimums = torch.cat((minimums, minimums.new_zeros(padding, blocks)))
+    # input k = 32 b + 8 j + 2 s + e; nibble s of word (j, r, e)
+    grid = codes.to(torch.int16).view(tiles, TILE_ROWS, blocks, 4, 4, 2)  # (tile, r, b, j, s, e)
+    words = grid[..., 0, :] | (grid[..., 1, :] << 4) | (grid[..., 2, :] << 8) | (grid[..., 3, :] << 12)
+    out = torch.empty(tiles, blocks, TILE_BLOCK_BYTES // 2, dtype=torch.int16)  # (tile, b, 160 words)
+    out[:, :, :128] = words.permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 128)  # (tile, b, j, r, e)
+    for first, values in ((128, scales), (144, minimums)):
+        per_tile = values.to(torch.float16).view(torch.int16).view(tiles, TILE_ROWS, blocks)
+        out[:, :, first : first + 16] = per_tile.transpose(1, 2)
+    return out.view(torch.uint8)
+
+
+def matmul(library: ctypes.CDLL, x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 contiguous -> (M, out_features) float32."""
+    rows, columns = x.shape
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    # raw addresses and ints: a decode step makes ~120 of these calls, so ctypes conversions count
+    library.ember_int4_matmul(
+        x.data_ptr(), rows, columns, tiles.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads()
+    )
+    return y
+
+
+def dequantize_transposed(
+    library: ctypes.CDLL, tiles: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight as (in_features, out_features) float32 or bfloat16: W transposed, ready for x @ W^T."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return dequantize_transposed(library, tiles, out_features, in_features, torch.float32).to(dtype)
+    out = torch.empty(in_features, out_features, dtype=dtype)
+    library.ember_int4_dequantize_transposed(
+        tiles.data_ptr(),
+        out_features,
+        in_features,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    return out

@@ -1,0 +1,150 @@
+"""The engine's invariants on a tiny random model: cached equals uncached, batch equals single."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ember
+from ember.cache import CacheEntry
+from ember.engine.sequence import GenerationRequest
+from ember.errors import ContextOverflowError, InvalidRequestError
+from ember.sampling import SamplingParams
+from tests.conftest import make_tiny_hf_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_tiny_hf_model(tmp_path_factory.mktemp("tiny"), "llama", 2, max_position_embeddings=512)
+    return ember.load(folder)
+
+
+def _tokens(handle, prompt, params=GREEDY, entry=None):
+    request = GenerationRequest(list(prompt), params, cache_entry=entry)
+    outputs = list(handle.engine.generate(request))
+    return [o.token_id for o in outputs if o.token_id is not None], outputs[-1]
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(3, 2048, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_next_turn_prefills_only_new_tokens_and_matches_recompute(tiny):
+    entry = CacheEntry()
+    turn1 = _prompt(1, 30)
+    reply1, final1 = _tokens(tiny, turn1, entry=entry)
+    assert final1.num_cached_tokens == 0
+    turn2 = turn1 + reply1 + _prompt(2, 10)
+    reply2, final2 = _tokens(tiny, turn2, entry=entry)
+    # Everything but the last reply token (never fed back) is reused.
+    assert final2.num_cached_tokens == len(turn1) + len(reply1) - 1
+    assert reply2 == _tokens(tiny, turn2)[0]
+
+
+def test_rollback_truncates_and_matches_recompute(tiny):
+    entry = CacheEntry()
+    long_prompt = _prompt(3, 40)
+    _tokens(tiny, long_prompt, entry=entry)
+    shorter = long_prompt[:25] + _prompt(4, 5)  # an edit of an earlier turn
+    reply, final = _tokens(tiny, shorter, entry=entry)
+    assert final.num_cached_tokens == 25
+    assert reply == _tokens(tiny, shorter)[0]
+
+
+def test_batched_decode_equals_single_runs_with_joins_and_leaves(tiny):
+    engine = tiny.engine
+    prompts = [_prompt(10 + i, length) for i, length in enumerate([5, 17, 9, 30])]
+    lengths = [6, 12, 3, 9]  # sequences finish at different steps and leave the batch
+    singles = [
+        _tokens(tiny, p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+        for p, n in zip(prompts, lengths)
+    ]
+    requests = [
+        GenerationRequest(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        for p, n in zip(prompts, lengths)
+    ]
+    collected: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for request in requests[:3]:
+        engine.add_request(request)
+    steps, max_batch = 0, 0
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.token_id is not None:
+                collected[output.request_id].append(output.token_id)
+        max_batch = max(max_batch, len(engine.running))
+        steps += 1
+        if steps == 2:
+            engine.add_request(requests[3])  # joins between steps
+    assert [collected[r.request_id] for r in requests] == singles
+    assert max_batch >= 3
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny):
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=10, ignore_eos=True) for seed in (1, 2)]
+    prompts = [_prompt(20, 8), _prompt(21, 13)]
+    alone = [_tokens(tiny, p, s)[0] for p, s in zip(prompts, params)]
+    requests = [GenerationRequest(p, s) for p, s in zip(prompts, params)]
+    for request in requests:
+        tiny.engine.add_request(request)
+    together: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    while tiny.engine.has_unfinished():
+        for output in tiny.engine.step():
+            if output.token_id is not None:
+                together[output.request_id].append(output.token_id)
+    assert [together[r.request_id] for r in requests] == alone
+
+
+def test_lru_eviction_under_budget_and_transparent_rebuild(tmp_path):
+    folder = make_tiny_hf_model(tmp_path, "llama", 2, max_position_embeddings=256)
+    bytes_per_token = 2 * 2 * 2 * 16 * 4  # k+v, layers, kv heads, head_dim, float32
+    handle = ember.load(folder, cache_memory_mib=1)  # 1 MiB: 8 slots of 256 tokens
+    cache = handle.engine.kv_cache
+    assert cache.bytes_per_token == bytes_per_token
+    entries = [CacheEntry() for _ in range(12)]
+    prompts = [_prompt(30 + i, 20) for i in range(12)]
+    for entry, prompt in zip(entries, prompts):
+        _tokens(handle, prompt, entry=entry)
+    assert cache.memory_bytes <= 1 << 20
+    assert cache.num_evictions > 0
+    assert not entries[0].resident and entries[-1].resident  # least recently used went first
+    # An evicted session's next turn recomputes from scratch and gives the same answer.
+    reply, final = _tokens(handle, prompts[0], entry=entries[0])
+    assert final.num_cached_tokens == 0
+    assert reply == _tokens(handle, prompts[0])[0]
+
+
+def test_cache_grows_past_its_initial_capacity(tiny):
+    prompt = _prompt(40, 300)  # initial capacity is 256
+    cached = tiny.engine.kv_cache
+    reply, _ = _tokens(tiny, prompt)
+    assert cached.capacity >= 300
+    assert torch.equal(tiny.logits(prompt)[-1].argmax(), torch.tensor(reply[0]))
+
+
+def test_prompt_longer_than_context_is_an_error_that_changes_nothing(tiny):
+    waiting_before = len(tiny.engine.waiting)
+    with pytest.raises(ContextOverflowError, match="512"):
+        tiny.engine.add_request(GenerationRequest(_prompt(50, 600), GREEDY))
+    assert len(tiny.engine.waiting) == waiting_before
+    with pytest.raises(InvalidRequestError):
+        tiny.engine.add_request(GenerationRequest([], GREEDY))
+    with pytest.raises(InvalidRequestError):
+        tiny.engine.add_request(GenerationRequest([5, 99999], GREEDY))
+
+
+def test_generation_stops_at_the_context_end(tiny):
+    prompt = _prompt(60, 505)
+    tokens, final = _tokens(tiny, prompt, SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True))
+    assert len(tokens) == 512 - 505
+    assert final.finish_reason == "length"
+
+
+def test_abandoned_stream_frees_its_slot(tiny):
+    cache = tiny.engine.kv_cache
+    stream = tiny.engine.generate(GenerationRequest(_prompt(70, 10), SamplingParams(max_tokens=50)))
+    next(stream)
+    stream.close()
+    assert not tiny.engine.has_unfinished()
+    assert all(not entry.pinned for entry in cache.entries_by_slot.values())
