@@ -150,6 +150,8 @@ class Chat:
     def choose_alternative(self, number: int) -> Message:
         """Make answer `number` (1-based, as listed by `alternatives`) the current one."""
         alternatives = self.alternatives()
+        if not alternatives:
+            raise InvalidRequestError("the last message has no alternative answers")
         if not 1 <= number <= len(alternatives):
             raise InvalidRequestError(
                 f"there are {len(alternatives)} alternative(s); choose 1 to {len(alternatives)}"

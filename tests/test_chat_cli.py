@@ -12,14 +12,17 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pexpect
 import pytest
 
-from ember.cli.chat import COMMANDS, parse_command, parse_settings, read_message, title_from
+from ember.cli.chat_input import parse_settings, read_message, title_from
+from ember.cli.chat_repl import COMMANDS, parse_command
 from ember.errors import InvalidRequestError
 from ember.sessions import SessionStore, default_store_path
 from tests.conftest import REPO_ROOT, STORY_MODEL
@@ -81,9 +84,13 @@ def test_commands_parse_from_a_table():
 
 def test_multi_line_input():
     more = iter(["second \\", "third"])
-    assert read_message("first \\", lambda: next(more)) == "first \nsecond \nthird"
+    assert read_message("first \\", lambda: next(more)) == ("first \nsecond \nthird", False)
     more = iter(["/not a command", "ends with \\", '"""'])
-    assert read_message('"""', lambda: next(more)) == "/not a command\nends with \\"
+    assert read_message('"""', lambda: next(more)) == ("/not a command\nends with \\", True)
+    # A bracketed paste arrives as one line with newlines: fenced or not, it is one message.
+    assert read_message('"""\n/a\nb\n"""', lambda: "unread") == ("/a\nb", True)
+    assert read_message("/a\nb", lambda: "unread") == ("/a\nb", True)
+    assert read_message("hello", lambda: "unread") == ("hello", False)
     assert title_from("a " * 40).endswith("…") and len(title_from("a " * 40)) == 40
 
 
@@ -283,26 +290,44 @@ def test_sessions_multi_line_generation_and_export(tmp_path):
     assert "# Cat stories" in markdown and "## User" in markdown and "line one\n/not a command" in markdown
 
 
-def test_killed_during_a_reply_keeps_every_session(tmp_path):
-    terminal = Terminal(tmp_path, "--temperature", "0", "--max-tokens", "20", "--title", "Frogs")
+def streaming_text(data_dir: Path, session_id: str) -> str:
+    """The stored text of a reply still being written, read without opening a SessionStore.
+
+    (Opening a SessionStore marks every 'streaming' reply as interrupted, as after a crash.)
+    """
+    uri = f"file:{default_store_path(str(data_dir))}?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True)) as connection:
+        row = connection.execute(
+            "SELECT content FROM messages WHERE session_id = ? AND status = 'streaming'", (session_id,)
+        ).fetchone()
+    return row[0] if row else ""
+
+
+def test_killed_during_a_reply_keeps_every_session(tmp_path, smollm2_gguf):
+    # SmolLM2: its 8k context leaves room for a reply long enough to be killed in the middle of.
+    terminal = Terminal(
+        tmp_path, "--temperature", "0", "--max-tokens", "30", "--title", "Sums", model=smollm2_gguf
+    )
     first_id = SESSION_ID.search(terminal.banner).group(1)
-    terminal.say("Once upon a time there was a frog.")
+    terminal.say("What is 2 + 2?")
     second_id = SESSION_ID.search(terminal.say("/new Moon")).group(1)
-    terminal.say("/set max_tokens=400 ignore_eos=true")
-    wait_for_reply_text(terminal, "Tell me about the moon.")
-    time.sleep(1.0)  # the store sees a streaming reply's text every half second
+    terminal.say("/set max_tokens=3000 ignore_eos=true")
+    wait_for_reply_text(terminal, "Tell me a long story about the moon.")
+    deadline = time.monotonic() + 30
+    while not streaming_text(tmp_path, second_id) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the store sees a streaming reply's text every half second
     terminal.child.kill(signal.SIGKILL)
     terminal.child.expect(pexpect.EOF)
     terminal.child.close()
     assert terminal.child.signalstatus == signal.SIGKILL
 
-    resumed = Terminal(tmp_path, "--session", second_id[:6])
-    assert "kept, marked interrupted" in resumed.banner
+    resumed = Terminal(tmp_path, "--session", second_id[:6], model=smollm2_gguf)
+    assert "1 reply(ies) cut off by an earlier exit were kept" in resumed.banner
     assert f"resumed session {second_id}" in resumed.banner
-    assert "you: Tell me about the moon." in resumed.banner
+    assert "you: Tell me a long story about the moon." in resumed.banner
     assert re.search(r"assistant: \S.*\[interrupted\]", resumed.banner, re.DOTALL)
     switched = resumed.say(f"/switch {first_id}")
-    assert "you: Once upon a time there was a frog." in switched and "assistant: " in switched
+    assert "you: What is 2 + 2?" in switched and "assistant: " in switched
     resumed.child.sendeof()  # Ctrl-D leaves
     resumed.child.expect(pexpect.EOF)
     resumed.child.close()
@@ -334,3 +359,15 @@ def test_a_long_conversation_keeps_answering_with_its_system_prompt(tmp_path):
         session = store.get_session(session_id)
         assert session.system_prompt == system
         assert session.message_count == 10  # dropped from the prompt, never from the session
+
+
+def test_default_model_answers_follow_ups_from_its_cache(tmp_path, smollm2_gguf):
+    terminal = Terminal(tmp_path, "--temperature", "0", "--max-tokens", "40", "--verbose", model=smollm2_gguf)
+    assert "gguf" in terminal.banner
+    assert "4" in terminal.say("What is 2 + 2?")
+    follow_up = terminal.say("Now add 3 to that.")
+    assert "7" in follow_up  # the first exchange reached the model through its chat template
+    stats = re.search(r"\[prompt (\d+) tok: (\d+) computed, (\d+) reused", follow_up)
+    computed, reused = int(stats.group(2)), int(stats.group(3))
+    assert reused > computed > 0  # the second turn computed only its new tokens
+    terminal.quit()

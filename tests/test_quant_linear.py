@@ -23,17 +23,19 @@ from ember.errors import ModelLoadError
 from ember.quant import native_int4
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 from ember.quant.linear import (
+    NATIVE_BATCH_ROWS,
     SMALL_BATCH_ROWS,
     FloatLinear,
     Int4Linear,
     Int8Linear,
+    _block_fields,
     concat_linear_weights,
     make_linear,
 )
 
 NATIVE = native_int4.load() is not None
 INT4_BACKENDS = ["plain", "tinygemm"] + (["native"] if NATIVE else [])
-BATCH_ROWS = [1, 3, SMALL_BATCH_ROWS + 5]  # the last one takes the dequantize-then-matmul path
+BATCH_ROWS = [1, 3, NATIVE_BATCH_ROWS + 5]  # the last one takes the dequantize-then-matmul path
 BFLOAT16_RELATIVE = 2.0**-7  # two bfloat16 roundings (activations and output, or scale and zero)
 
 
@@ -108,8 +110,6 @@ def test_q4_1_repacks_exactly_into_native_and_plain_int4(gguf_tensors):
     for backend in ["plain"] + (["native"] if NATIVE else []):
         layer = make_linear(tensor, None, "int4", torch.bfloat16)
         if layer.backend != backend:
-            from ember.quant.linear import _block_fields
-
             layer = Int4Linear(*_block_fields(tensor), None, 32, torch.bfloat16, backend=backend)
         assert torch.equal(layer.dequantized_weight(), expected), backend
     if NATIVE:  # the native tiles are exactly the file's blocks: 20 bytes per 32 weights
@@ -117,8 +117,6 @@ def test_q4_1_repacks_exactly_into_native_and_plain_int4(gguf_tensors):
 
 
 def test_q4_1_into_tinygemm_is_within_bfloat16_rounding_of_the_scales(gguf_tensors):
-    from ember.quant.linear import _block_fields
-
     tensor = gguf_tensors["blk.0.ffn_down.weight"]
     codes, scales, minimums = _block_fields(tensor)
     layer = Int4Linear(codes, scales, minimums, backend="tinygemm")
@@ -135,8 +133,6 @@ def test_q4_1_into_tinygemm_is_within_bfloat16_rounding_of_the_scales(gguf_tenso
 def test_q4_0_random_blocks_repack(backend):
     tensor = random_blocks("Q4_0", (96, 256), seed=1)
     expected = reference_weight(tensor)
-    from ember.quant.linear import _block_fields
-
     layer = Int4Linear(*_block_fields(tensor), None, 32, torch.bfloat16, backend=backend)
     if backend == "tinygemm":
         assert torch.allclose(layer.dequantized_weight(), expected, rtol=2.0**-7, atol=1e-6)
@@ -162,8 +158,6 @@ def test_q8_0_to_int8_rounds_within_half_a_channel_step(gguf_tensors):
 @pytest.mark.parametrize("rows", BATCH_ROWS)
 @pytest.mark.parametrize("backend", INT4_BACKENDS)
 def test_int4_layer_output_matches_float_math(gguf_tensors, backend, rows):
-    from ember.quant.linear import _block_fields
-
     tensor = gguf_tensors["blk.0.attn_q.weight"]  # (576, 576) Q4_1
     layer = Int4Linear(*_block_fields(tensor), None, 32, torch.bfloat16, backend=backend)
     weight = layer.dequantized_weight()
@@ -182,7 +176,7 @@ def test_native_int4_is_exact_apart_from_bfloat16_activations(gguf_tensors, rows
     assert layer.backend == "native"
     x = torch.randn(rows, 1536)
     # few rows: the kernel rounds activations to bfloat16; many rows: a float32 product on the exact weight
-    seen = x.bfloat16().float() if rows <= SMALL_BATCH_ROWS else x
+    seen = x.bfloat16().float() if rows <= NATIVE_BATCH_ROWS else x
     assert_close_to_reference(layer(x), seen, reference_weight(tensor), 1e-5)
 
 
@@ -224,7 +218,7 @@ def test_bias_is_added(quant):
     bias = torch.randn(64)
     with_bias = make_linear(weight, bias, quant, torch.float32)
     without = make_linear(weight, None, quant, torch.float32)
-    for rows in (1, SMALL_BATCH_ROWS + 1):
+    for rows in (1, SMALL_BATCH_ROWS + 1, NATIVE_BATCH_ROWS + 1):
         x = torch.randn(rows, 96)
         assert torch.allclose(with_bias(x), without(x) + bias, atol=1e-5)
 
@@ -268,7 +262,7 @@ def test_native_kernel_handles_rows_not_a_multiple_of_sixteen():
     assert torch.equal(layer.dequantized_weight(), reference_weight(tensor))
     for rows in BATCH_ROWS:
         x = torch.randn(rows, 64)
-        seen = x.bfloat16().float() if rows <= SMALL_BATCH_ROWS else x
+        seen = x.bfloat16().float() if rows <= NATIVE_BATCH_ROWS else x
         assert_close_to_reference(layer(x), seen, reference_weight(tensor), 1e-5)
 
 

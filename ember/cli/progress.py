@@ -11,6 +11,7 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 SHOW_AFTER_SECONDS = 0.5
+MIN_TOKENS_FOR_BAR = 256  # shorter prompts take a moment at most
 
 
 def prefill_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -18,14 +19,15 @@ def prefill_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
     state: dict[str, tqdm] = {}
 
     def update(done: int, total: int) -> None:
+        if total < MIN_TOKENS_FOR_BAR:
+            return
         bar = state.get("bar")
         if bar is None or bar.total != total:
             close()
             bar = state["bar"] = tqdm(
                 total=total, desc="prompt", unit="tok", delay=SHOW_AFTER_SECONDS, leave=False
             )
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)  # update() honours tqdm's delay; refresh() would draw at once
         if done >= total:
             close()
 

@@ -181,6 +181,8 @@ class Engine:
             self.kv_cache.truncate(entry, reused)
             sequence.num_cached_tokens = reused
             logits = None
+            if self.on_prefill_progress is not None:
+                self.on_prefill_progress(0, len(prompt) - reused)
             for start in range(reused, len(prompt), self.prefill_chunk_size):
                 chunk = prompt[start : start + self.prefill_chunk_size]
                 batch = ForwardBatch(

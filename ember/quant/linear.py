@@ -3,8 +3,8 @@
 Every layer maps `x (..., in_features)` to `(..., out_features)` in x's dtype and
 exposes `in_features`, `out_features`, `nbytes` (resident weight bytes) and
 `dequantized_weight()` (float32, for tests). Which kernel runs depends on the
-number of rows (tokens) in x, because the best one differs (measured on 2 Zen 5
-cores, PyTorch 2.13, see docs in the helper report):
+number of rows (tokens) in x, because the best one differs (measured on Zen 5
+cores with PyTorch 2.13):
 
 - few rows (decode): memory-bound; low-bit kernels read 4-8x fewer bytes.
   4-bit: the native AVX-512 kernel (`native_int4`) when it builds, else
@@ -32,8 +32,10 @@ from ember.errors import ModelLoadError
 from ember.quant import native_int4
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 
-# Rows at or below which the low-bit kernels beat dequantize-then-matmul (crossover measured at 16-32).
+# Rows at or below which the low-bit kernels beat dequantize-then-matmul: measured crossovers
+# 16-32 rows for PyTorch's int8 / int4 kernels, 40-64 for the native one.
 SMALL_BATCH_ROWS = 16
+NATIVE_BATCH_ROWS = 32
 _TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 QUANT_MODES = ("none", "int8", "int4")
 
@@ -77,6 +79,13 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 512)
     except (RuntimeError, AttributeError):
         return None
+
+
+def _matmul_transposed(rows: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """rows (M, in) times weight_t (in, out); float32 through oneDNN, which is 2x MKL's sgemm here."""
+    if rows.dtype == torch.float32 and rows.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(rows, weight_t.T, None, "none", [], "")
+    return rows @ weight_t
 
 
 class FloatLinear:
@@ -257,7 +266,7 @@ class Int4Linear:
         if (
             self.backend == "native"
             and x.dim() == 2
-            and x.shape[0] <= SMALL_BATCH_ROWS
+            and x.shape[0] <= NATIVE_BATCH_ROWS
             and x.shape[1] == self.in_features
             and x.dtype == torch.float32
             and self.bias is None
@@ -265,16 +274,15 @@ class Int4Linear:
         ):  # the decode step's common case, without reshapes or casts (~3 us of a ~10 us call)
             return native_int4.matmul(self._library, x, self.tiles, self.out_features)
         rows = _rows(x, self.in_features)  # (rows, in)
-        few = rows.shape[0] <= SMALL_BATCH_ROWS
         if self.backend == "native":
-            if few:
+            if rows.shape[0] <= NATIVE_BATCH_ROWS:
                 y = native_int4.matmul(self._library, rows.float(), self.tiles, self.out_features)
             else:
                 weight_t = native_int4.dequantize_transposed(
                     self._library, self.tiles, self.out_features, self.in_features, self.dtype
                 )  # (in, out)
-                y = rows.to(self.dtype) @ weight_t
-        elif self.backend == "tinygemm" and few:
+                y = _matmul_transposed(rows.to(self.dtype), weight_t)
+        elif self.backend == "tinygemm" and rows.shape[0] <= SMALL_BATCH_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
             )
