@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,13 +94,16 @@ def load(
     device: str | torch.device | None = None,
     cache_memory_mib: int = 1024,
     context_length: int | None = None,
+    on_layer_built: Callable[[int, int], None] | None = None,
 ) -> ModelHandle:
     """Load a model folder, GGUF file or built-in name.
 
     `quant`: "none" (exact float weights), "int8" or "int4" (weight-only
     low-bit); None picks the form closest to the file's own (float for
     safetensors, low-bit for quantized GGUF). `context_length` caps the
-    model's context (and so its cache) below what it was trained for.
+    model's context (and so its cache) below what it was trained for;
+    `cache_memory_mib` bounds the KV cache of all sequences and idle chat
+    sessions together. `on_layer_built(done, total)` reports loading progress.
     """
     started = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -109,7 +112,9 @@ def load(
     quant = quant or default_quant(checkpoint)
     if quant not in QUANT_MODES:
         raise EmberError(f"unknown quant mode {quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    model = build_model(checkpoint, dtype=torch_dtype, quant=quant, device=device)
+    model = build_model(
+        checkpoint, dtype=torch_dtype, quant=quant, device=device, on_layer_built=on_layer_built
+    )
     max_length = min(context_length or checkpoint.config.context_length, checkpoint.config.context_length)
     kv_cache = model.new_cache(memory_budget_bytes=cache_memory_mib << 20, max_length=max_length)
     engine = Engine(model, checkpoint.tokenizer, kv_cache)

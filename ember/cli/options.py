@@ -26,6 +26,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     group.add_argument("--context-length", type=int, default=None, help="cap the context (and cache) size")
+    group.add_argument(
+        "--cache-memory",
+        type=int,
+        default=1024,
+        metavar="MIB",
+        help="memory budget of the KV cache, idle chat sessions included (default 1024 MiB)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -62,16 +69,24 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def load_model_from_args(args: argparse.Namespace, show_progress: bool = True) -> Any:
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    """Load the model the flags name, with a progress bar when loading takes more than a moment."""
     import torch
 
     import ember
+    from ember.cli.progress import load_progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return ember.load(
-        args.model,
-        dtype=args.dtype,
-        quant=args.quant,
-        context_length=args.context_length,
-    )
+    update, close = load_progress()
+    try:
+        return ember.load(
+            args.model,
+            dtype=args.dtype,
+            quant=args.quant,
+            context_length=args.context_length,
+            cache_memory_mib=args.cache_memory,
+            on_layer_built=update,
+        )
+    finally:
+        close()

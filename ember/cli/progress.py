@@ -37,3 +37,23 @@ def prefill_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
             bar.close()
 
     return update, close
+
+
+def load_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A callback for `ember.load(on_layer_built=...)` and a function that closes the bar."""
+    state: dict[str, tqdm] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(
+                total=total, desc="loading", unit="layer", delay=SHOW_AFTER_SECONDS, leave=False
+            )
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        bar = state.pop("bar", None)
+        if bar is not None:
+            bar.close()
+
+    return update, close

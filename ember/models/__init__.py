@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,13 @@ MODEL_CLASSES: dict[str, type] = {
 }
 
 
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, quant: str, device: torch.device) -> Any:
+def build_model(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    quant: str,
+    device: torch.device,
+    on_layer_built: Callable[[int, int], None] | None = None,
+) -> Any:
     from ember.quant.linear import make_linear
 
     model_class = MODEL_CLASSES.get(checkpoint.config.architecture)
@@ -31,4 +38,11 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, quant: str, device: 
     def linear_factory(weights: list[Any], biases: list[torch.Tensor] | None) -> Any:
         return make_linear(weights, biases, quant=quant, dtype=dtype, device=device)
 
-    return model_class(checkpoint.config, checkpoint.tensors, linear_factory, dtype=dtype, device=device)
+    return model_class(
+        checkpoint.config,
+        checkpoint.tensors,
+        linear_factory,
+        dtype=dtype,
+        device=device,
+        on_layer_built=on_layer_built,
+    )

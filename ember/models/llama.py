@@ -46,6 +46,7 @@ class LlamaModel:
         linear_factory: LinearFactory,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        on_layer_built: Callable[[int, int], None] | None = None,
     ):
         self.config = config
         self.dtype = dtype
@@ -84,6 +85,8 @@ class LlamaModel:
                     down_proj=linear_factory([tensors[prefix + "mlp.down_proj.weight"]], None),
                 )
             )
+            if on_layer_built is not None:
+                on_layer_built(index + 1, config.num_layers)
         self.final_norm = norm_weight("model.norm.weight")
         embedding_weight = tensors["model.embed_tokens.weight"]
         output_weight = embedding_weight if config.tie_word_embeddings else tensors["lm_head.weight"]
