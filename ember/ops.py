@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever x's dtype."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused kernel on the decode path
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * weight.float()).to(x.dtype) if x.dtype != torch.float32 else normed * weight
@@ -112,25 +114,28 @@ def _rope_type(scaling: dict[str, Any] | None) -> str:
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-def rope_cos_sin(
-    inverse_frequencies: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (*positions.shape, head_dim) for integer positions, in float32."""
-    angles = positions.float().unsqueeze(-1) * inverse_frequencies  # (..., head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (..., head_dim)
-    return angles.cos(), angles.sin()
+def interleave_rope_rows(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that turns a q/k projection from the rotate-half layout into the pairwise one.
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + head_dim/2) of x by the angles in cos/sin (HF's rotate_half layout).
-
-    x is (batch, heads, seq, head_dim); cos and sin are (batch, seq, head_dim).
+    HF checkpoints rotate dimension i with i + head_dim/2; putting each such
+    pair side by side lets `apply_rope_pairs` rotate with one complex product.
+    Attention is unchanged because q and k get the same order.
     """
-    cos = cos.unsqueeze(1).to(x.dtype)  # (batch, 1, seq, head_dim)
-    sin = sin.unsqueeze(1).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    half = head_dim // 2
+    within_head = torch.arange(head_dim).view(2, half).t().reshape(-1)  # 0, half, 1, half+1, ...
+    return (torch.arange(num_heads).unsqueeze(1) * head_dim + within_head).reshape(-1)
+
+
+def rope_rotations(inverse_frequencies: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers (*positions.shape, head_dim/2): the rotation of each pair at each position."""
+    angles = positions.float().unsqueeze(-1) * inverse_frequencies  # (..., head_dim/2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of x (batch, seq, heads, head_dim) by rotations (batch, seq, head_dim/2)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (batch, seq, heads, head_dim/2)
+    return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(x.dtype)
 
 
 # ---------------------------------------------------------------- attention

@@ -67,17 +67,16 @@ def test_gemm_bt_updates_c_in_place():
     assert torch.allclose(c, a @ b.T + 2.0, atol=1e-6)
 
 
-def _rotate_reference(x: torch.Tensor, positions: list[int], inverse: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (i, i + d/2) by position * inverse[i], one element at a time, in float64."""
+def _rotate_pairs_reference(x: torch.Tensor, positions: list[int], inverse: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (2i, 2i+1) by position * inverse[i], one element at a time, in float64."""
     out = torch.empty_like(x, dtype=torch.float64)
-    half = x.shape[-1] // 2
     for t, position in enumerate(positions):
-        for i in range(half):
+        for i in range(x.shape[-1] // 2):
             angle = position * float(inverse[i])
             c, s = math.cos(angle), math.sin(angle)
-            first, second = x[..., t, i].double(), x[..., t, i + half].double()
-            out[..., t, i] = first * c - second * s
-            out[..., t, i + half] = second * c + first * s
+            first, second = x[:, t, :, 2 * i].double(), x[:, t, :, 2 * i + 1].double()
+            out[:, t, :, 2 * i] = first * c - second * s
+            out[:, t, :, 2 * i + 1] = second * c + first * s
     return out
 
 
@@ -87,10 +86,27 @@ def test_rope_default_matches_pairwise_rotation():
     assert scaling == 1.0
     expected_inverse = [10000.0 ** (-2 * i / head_dim) for i in range(head_dim // 2)]
     assert torch.allclose(inverse.double(), torch.tensor(expected_inverse, dtype=torch.float64), rtol=1e-6)
-    x = torch.randn(1, 2, len(positions), head_dim)
-    cos, sin = ops.rope_cos_sin(inverse, torch.tensor([positions]))
-    result = ops.apply_rope(x, cos, sin)
-    assert torch.allclose(result.double(), _rotate_reference(x, positions, inverse), atol=1e-5)
+    x = torch.randn(1, len(positions), 3, head_dim)  # (batch, seq, heads, head_dim)
+    rotations = ops.rope_rotations(inverse, torch.tensor([positions]))
+    result = ops.apply_rope_pairs(x, rotations)
+    assert torch.allclose(result.double(), _rotate_pairs_reference(x, positions, inverse), atol=1e-5)
+
+
+def test_interleaved_rows_turn_rotate_half_into_pairs():
+    """HF's rotate-half rope on x equals the pairwise rope on x's rows in interleaved order."""
+    heads, head_dim, positions = 2, 8, [3, 9]
+    inverse, _ = ops.rope_inverse_frequencies(head_dim, 10000.0)
+    x = torch.randn(1, len(positions), heads, head_dim)
+    half = head_dim // 2
+    angles = torch.tensor(positions, dtype=torch.float64)[:, None] * inverse.double()  # (seq, half)
+    cos, sin = angles.cos()[None, :, None], angles.sin()[None, :, None]
+    first, second = x[..., :half].double(), x[..., half:].double()
+    rotate_half = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    order = ops.interleave_rope_rows(heads, head_dim)
+    interleaved = x.reshape(1, len(positions), heads * head_dim)[..., order].view_as(x)
+    pairs = ops.apply_rope_pairs(interleaved, ops.rope_rotations(inverse, torch.tensor([positions])))
+    expected = rotate_half.reshape(1, len(positions), heads * head_dim)[..., order].view_as(x)
+    assert torch.allclose(pairs.double(), expected, atol=1e-5)
 
 
 def _hf_rope(rope_parameters: dict, head_dim: int = 32, max_positions: int = 256, seq_len=None):

@@ -9,6 +9,7 @@ factory that decides their in-memory form (float, int8, int4).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -63,17 +64,26 @@ class LlamaModel:
         def bias(name: str) -> torch.Tensor | None:
             return _as_float(tensors[name]).to(self.device, dtype) if name in tensors else None
 
+        q_order = ops.interleave_rope_rows(config.num_heads, config.head_dim)
+        k_order = ops.interleave_rope_rows(config.num_kv_heads, config.head_dim)
         self.layers: list[LlamaLayer] = []
         for index in range(config.num_layers):
             prefix = f"model.layers.{index}."
             attention = prefix + "self_attn."
             qkv_names = [attention + f"{name}_proj" for name in ("q", "k", "v")]
+            # q and k rows go to the pairwise rotary layout (see ops.interleave_rope_rows).
+            qkv_weights = [
+                _take_rows(tensors[name + ".weight"], order)
+                for name, order in zip(qkv_names, (q_order, k_order, None))
+            ]
             qkv_biases = [bias(name + ".bias") for name in qkv_names]
+            if all(b is not None for b in qkv_biases):
+                qkv_biases = [_take_rows(b, order) for b, order in zip(qkv_biases, (q_order, k_order, None))]
             self.layers.append(
                 LlamaLayer(
                     input_norm=norm_weight(prefix + "input_layernorm.weight"),
                     qkv_proj=linear_factory(
-                        [tensors[name + ".weight"] for name in qkv_names],
+                        qkv_weights,
                         qkv_biases if all(b is not None for b in qkv_biases) else None,
                     ),
                     o_proj=linear_factory([tensors[attention + "o_proj.weight"]], None),
@@ -112,20 +122,21 @@ class LlamaModel:
         config = self.config
         batch_size, num_new = batch.token_ids.shape
         hidden = self.embed_tokens(batch.token_ids)  # (batch, new, hidden)
-        cos, sin = self._rope_tables(batch)  # (batch, new, head_dim)
+        rotations = self._rope_rotations(batch)  # (batch, new, head_dim/2) complex
         num_keys = batch.num_keys
         key_lengths = (
             torch.tensor(batch.key_lengths, device=self.device) if batch.ragged and batch_size > 1 else None
         )
+        num_rotated = config.num_heads + config.num_kv_heads
         for layer_index, layer in enumerate(self.layers):
             normed = ops.rms_norm(hidden, layer.input_norm, config.rms_norm_eps)
-            qkv = layer.qkv_proj(normed)  # (batch, new, q + 2 * kv)
-            query, key, value = qkv.split((self._q_size, self._kv_size, self._kv_size), dim=-1)
-            query = query.view(batch_size, num_new, config.num_heads, config.head_dim).transpose(1, 2)
-            key = key.view(batch_size, num_new, config.num_kv_heads, config.head_dim).transpose(1, 2)
-            value = value.view(batch_size, num_new, config.num_kv_heads, config.head_dim).transpose(1, 2)
-            query = ops.apply_rope(query, cos, sin)  # (batch, heads, new, head_dim)
-            key = ops.apply_rope(key, cos, sin)  # (batch, kv_heads, new, head_dim)
+            qkv = layer.qkv_proj(normed).view(batch_size, num_new, num_rotated + config.num_kv_heads, -1)
+            rotated = ops.apply_rope_pairs(
+                qkv[:, :, :num_rotated], rotations
+            )  # (batch, new, heads + kv, dim)
+            query = rotated[:, :, : config.num_heads].transpose(1, 2)  # (batch, heads, new, head_dim)
+            key = rotated[:, :, config.num_heads :].transpose(1, 2)  # (batch, kv_heads, new, head_dim)
+            value = qkv[:, :, num_rotated:].transpose(1, 2)  # (batch, kv_heads, new, head_dim)
             kv_cache.write(layer_index, batch.slots, batch.start_positions, key, value)
             keys, values = kv_cache.read(
                 layer_index, batch.slots, num_keys
@@ -143,7 +154,7 @@ class LlamaModel:
         hidden = ops.rms_norm(hidden, self.final_norm, config.rms_norm_eps)
         return self.lm_head(hidden).float()
 
-    def _rope_tables(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_rotations(self, batch: ForwardBatch) -> torch.Tensor:
         inverse_frequencies = self.inverse_frequencies
         if self._dynamic_rope:
             inverse_frequencies = ops.dynamic_rope_inverse_frequencies(
@@ -153,7 +164,7 @@ class LlamaModel:
                 self.config.max_position_embeddings,
                 seq_len=batch.num_keys,
             ).to(self.device)
-        return ops.rope_cos_sin(inverse_frequencies, batch.positions)
+        return ops.rope_rotations(inverse_frequencies, batch.positions)
 
     def weight_bytes(self) -> int:
         """Resident bytes of the weights in their in-memory form."""
@@ -201,6 +212,15 @@ def expected_tensor_names(config: ModelConfig) -> list[str]:
         names += [prefix + f"self_attn.{name}_proj.weight" for name in "qkvo"]
         names += [prefix + f"mlp.{name}_proj.weight" for name in ("gate", "up", "down")]
     return names
+
+
+def _take_rows(weight: Weight, order: torch.Tensor | None) -> Weight:
+    """Rows of a float or block-quantized weight (or bias) in a new order; blocks lie along rows."""
+    if order is None:
+        return weight
+    if isinstance(weight, torch.Tensor):
+        return weight[order]
+    return dataclasses.replace(weight, data=weight.data[order.numpy()])
 
 
 def _as_float(weight: Weight) -> torch.Tensor:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -241,21 +242,21 @@ def _cache_folder() -> Path:
     return Path(base) / "ember" / "kernels"
 
 
-def _build(flags: set[str]) -> Path:
-    """Compile SOURCE into the cache (once per source, flags and CPU), atomically."""
+def _build(source: str, name: str, flags: set[str]) -> Path:
+    """Compile `source` into the cache (once per source, flags and CPU), atomically."""
     key = hashlib.sha256(
-        "\n".join([SOURCE, " ".join(_COMPILE_FLAGS), " ".join(sorted(flags))]).encode()
+        "\n".join([source, " ".join(_COMPILE_FLAGS), " ".join(sorted(flags))]).encode()
     ).hexdigest()[:16]
     folder = _cache_folder()
-    library_path = folder / f"ember_int4_{key}.so"
+    library_path = folder / f"{name}_{key}.so"
     if library_path.exists():
         return library_path
     folder.mkdir(parents=True, exist_ok=True)
     compiler = os.environ.get("CXX", "g++")
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        source_path = Path(scratch) / "ember_int4.cpp"
-        source_path.write_text(SOURCE)
-        output_path = Path(scratch) / "ember_int4.so"
+        source_path = Path(scratch) / f"{name}.cpp"
+        source_path.write_text(source)
+        output_path = Path(scratch) / f"{name}.so"
         subprocess.run(
             [compiler, *_COMPILE_FLAGS, str(source_path), "-o", str(output_path)],
             check=True,
@@ -264,6 +265,23 @@ def _build(flags: set[str]) -> Path:
         )
         os.replace(output_path, library_path)
     return library_path
+
+
+def open_library(source: str, name: str, required_flags: Sequence[str]) -> tuple[ctypes.CDLL | None, str]:
+    """Build (or find in the cache) and open a kernel library: (library, "") or (None, why not).
+
+    Shared by the native kernels; each keeps its own once-only state around this call.
+    """
+    flags = _cpu_flags()
+    missing = [flag for flag in required_flags if flag not in flags]
+    if sys.platform != "linux" or missing:
+        return None, f"CPU lacks {', '.join(missing)}" if missing else "not Linux"
+    # torch is imported first, so the library's libgomp.so.1 resolves to torch's: one OpenMP pool
+    try:
+        return ctypes.CDLL(str(_build(source, name, flags))), ""
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        return None, f"build failed: {error} {detail.decode(errors='replace')[:300]}".strip()
 
 
 def load() -> ctypes.CDLL | None:
@@ -275,17 +293,9 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _library
         _tried = True
-        flags = _cpu_flags()
-        missing = [flag for flag in _REQUIRED_CPU_FLAGS if flag not in flags]
-        if sys.platform != "linux" or missing:
-            failure_reason = f"CPU lacks {', '.join(missing)}" if missing else "not Linux"
-            return None
-        # torch is imported first, so the library's libgomp.so.1 resolves to torch's: one OpenMP pool
-        try:
-            library = ctypes.CDLL(str(_build(flags)))
-        except (OSError, subprocess.SubprocessError) as error:
-            detail = getattr(error, "stderr", b"") or b""
-            failure_reason = f"build failed: {error} {detail.decode(errors='replace')[:300]}".strip()
+        library, reason = open_library(SOURCE, "ember_int4", _REQUIRED_CPU_FLAGS)
+        if library is None:
+            failure_reason = reason
             return None
         i64, pointer = ctypes.c_int64, ctypes.c_void_p
         library.ember_int4_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, ctypes.c_int]
