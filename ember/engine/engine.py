@@ -190,7 +190,7 @@ class Engine:
                     start_positions=[start],
                     slots=[entry.slot],
                 )
-                logits = self.model.forward(batch, self.kv_cache)[0, -1]
+                logits = self.model.forward(batch, self.kv_cache)[0, -1].cpu()
                 entry.token_ids.extend(chunk)
                 if self.on_prefill_progress is not None:
                     self.on_prefill_progress(start + len(chunk) - reused, len(prompt) - reused)
@@ -209,7 +209,7 @@ class Engine:
             start_positions=[len(s.cache_entry.token_ids) for s in sequences],
             slots=[s.cache_entry.slot for s in sequences],
         )
-        logits = self.model.forward(batch, self.kv_cache)[:, -1]
+        logits = self.model.forward(batch, self.kv_cache)[:, -1].cpu()  # samplers draw on the CPU
         for sequence in sequences:
             sequence.cache_entry.token_ids.append(sequence.output_token_ids[-1])
         return logits

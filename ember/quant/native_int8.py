@@ -79,6 +79,10 @@ inline void tile_product(const uint8_t* tile, int64_t blocks, const int16_t* cod
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t* blk = tile + b * kTileBlockBytes;
+        // the next tile's block: without this, 16+ rows over a weight in DRAM ran at half speed (the hardware
+        // prefetcher loses the stream while a tile is reread from L1); past the last tile it is a no-op hint
+        for (int line = 0; line < kTileBlockBytes; line += 64)
+            _mm_prefetch((const char*)(blk + blocks * kTileBlockBytes + line), _MM_HINT_T0);
         __m512i dot[M][CHAINS];
         for (int m = 0; m < M; m++)
             for (int c = 0; c < CHAINS; c++) dot[m][c] = _mm512_setzero_si512();
