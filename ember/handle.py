@@ -112,9 +112,15 @@ def load(
     quant = quant or default_quant(checkpoint)
     if quant not in QUANT_MODES:
         raise EmberError(f"unknown quant mode {quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    model = build_model(
-        checkpoint, dtype=torch_dtype, quant=quant, device=device, on_layer_built=on_layer_built
-    )
+
+    def layer_built(done: int, total: int) -> None:
+        checkpoint.release_file_pages()  # keeps the file's pages from piling up in resident memory
+        if on_layer_built is not None:
+            on_layer_built(done, total)
+
+    model = build_model(checkpoint, dtype=torch_dtype, quant=quant, device=device, on_layer_built=layer_built)
+    checkpoint.release_file_pages()
+    checkpoint.tensors = {}  # the model holds what it needs; the file's mapping can close
     max_length = min(context_length or checkpoint.config.context_length, checkpoint.config.context_length)
     kv_cache = model.new_cache(memory_budget_bytes=cache_memory_mib << 20, max_length=max_length)
     engine = Engine(model, checkpoint.tokenizer, kv_cache)

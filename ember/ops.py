@@ -133,7 +133,10 @@ def rope_rotations(inverse_frequencies: torch.Tensor, positions: torch.Tensor) -
 
 
 def apply_rope_pairs(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2i, 2i+1) of x (batch, seq, heads, head_dim) by rotations (batch, seq, head_dim/2)."""
+    """Rotate adjacent pairs (2i, 2i+1) of x by unit complex numbers.
+
+    x is (batch, seq, heads, head_dim); rotations are (batch, seq, head_dim/2).
+    """
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (batch, seq, heads, head_dim/2)
     return torch.view_as_real(pairs * rotations.unsqueeze(2)).flatten(-2).to(x.dtype)
 

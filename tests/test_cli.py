@@ -132,7 +132,9 @@ def test_gguf_of_an_unsupported_architecture(tmp_path):
 
     from tests.test_gguf_reader import write_tiny_gguf
 
-    path = write_tiny_gguf(tmp_path / "bert.gguf", "bert", {"token_embd.weight": np.zeros((32, 64), np.float32)})
+    path = write_tiny_gguf(
+        tmp_path / "bert.gguf", "bert", {"token_embd.weight": np.zeros((32, 64), np.float32)}
+    )
     assert_one_line_error(run_ember("generate", "-m", str(path), "hi"), "bert", "llama")
 
 

@@ -101,7 +101,12 @@ class LlamaModel:
         embedding_weight = tensors["model.embed_tokens.weight"]
         output_weight = embedding_weight if config.tie_word_embeddings else tensors["lm_head.weight"]
         self.lm_head = linear_factory([output_weight], None)
-        self.embed_tokens = TokenEmbedding(embedding_weight, dtype=dtype, device=self.device)
+        self.embed_tokens = TokenEmbedding(
+            embedding_weight,
+            dtype=dtype,
+            device=self.device,
+            tied_output=self.lm_head if config.tie_word_embeddings else None,
+        )
 
         self.inverse_frequencies, _ = ops.rope_inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings

@@ -1,0 +1,86 @@
+"""The layer protocol, the float layer, and helpers every layer shares (row handling, oneDNN products).
+
+Float32 products go through oneDNN with the weight reordered once: MKL's sgemm
+takes a slow path on AMD CPUs (half of oneDNN's speed here).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Linear(Protocol):
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def dequantized_weight(self) -> torch.Tensor: ...
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x (..., in_features) as a contiguous (rows, in_features) matrix."""
+    if x.shape[-1] != in_features:  # a bug in the caller, not user input: the kernels must never overrun
+        raise ValueError(f"expected inputs of size {in_features}, got shape {tuple(x.shape)}")
+    return x.reshape(-1, in_features).contiguous()
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(rows, out) -> x's leading shape and dtype, the bias added in x's dtype."""
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight reordered for oneDNN's inner product, or None where oneDNN is unavailable."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 512)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _matmul_transposed(rows: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """rows (M, in) times weight_t (in, out); float32 through oneDNN, which is 2x MKL's sgemm here."""
+    if rows.dtype == torch.float32 and rows.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(rows, weight_t.T, None, "none", [], "")
+    return rows @ weight_t
+
+
+class FloatLinear:
+    """A plain float weight (out_features, in_features) in its own dtype, with an optional bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        self.bias = None if bias is None else bias.to(weight.device, weight.dtype)
+        self._packed = _onednn_pack(weight)
+        self.weight = None if self._packed is not None else weight.contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        bias_bytes = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.out_features * self.in_features * self.dtype.itemsize + bias_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x, self.in_features).to(self.dtype)  # (rows, in)
+        if self._packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], "")
+        else:
+            y = F.linear(rows, self.weight, self.bias)  # (rows, out)
+        return _finish(y, x, None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        weight = self._packed.to_dense() if self._packed is not None else self.weight
+        return weight.float()
