@@ -170,7 +170,7 @@ def _llamacpp_peak_rss(model_path: Path, threads: str) -> float | None:
     if not cli.exists() or not Path("/usr/bin/time").exists():
         return None
     command = ["/usr/bin/time", "-v", str(cli), "-m", str(model_path), "-t", threads, "-n", "128",
-               "-p", "Tell me a story.", "-no-cnv", "--temp", "0"]  # fmt: skip
+               "-p", "Tell me a story.", "-st", "--temp", "0"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
     return round(int(match.group(1)) / 1024) if match else None
