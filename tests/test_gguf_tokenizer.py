@@ -13,7 +13,6 @@ import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import gguf
 import pytest
@@ -56,19 +55,13 @@ STORY_TEXT = (
 
 
 @pytest.fixture(scope="module")
-def smollm2_metadata() -> dict[str, Any]:
-    return read_metadata(gguf.GGUFReader(SMOLLM2_FOLDER / SMOLLM2_NAME))
-
-
-@pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_metadata):
     return tokenizer_from_gguf_metadata(smollm2_metadata)
 
 
 @pytest.fixture(scope="module")
-def transformers_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(SMOLLM2_FOLDER), gguf_file=SMOLLM2_NAME)
+def transformers_tokenizer(hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer
 
 
 # --- gpt2 kind: SmolLM2 -------------------------------------------------------------------------

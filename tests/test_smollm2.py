@@ -25,12 +25,8 @@ def exact():
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
+def reference(hf_smollm2):
+    return hf_smollm2
 
 
 def _chat_prompt(handle: ember.ModelHandle, question: str = QUESTION) -> list[int]:
