@@ -114,6 +114,8 @@ class Engine:
         """Float32 logits (positions, vocab) at every position of `token_ids`, from an empty cache."""
         if not token_ids:
             raise InvalidRequestError("token_ids is empty")
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            raise InvalidRequestError(f"token ids must be in [0, {self.vocab_size})")
         if len(token_ids) > self.context_length:
             raise ContextOverflowError(
                 f"{len(token_ids)} tokens exceed the context length {self.context_length}",

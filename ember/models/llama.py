@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ember import ops
+from ember import native_ops, ops
 from ember.cache import KVCache
 from ember.config import ROPE_FREQ_FACTORS, ModelConfig
 from ember.errors import ModelLoadError
@@ -120,10 +120,19 @@ class LlamaModel:
         ) == "dynamic"
         self._q_size = config.num_heads * config.head_dim
         self._kv_size = config.num_kv_heads * config.head_dim
+        # The fused decode step (`_decode`) runs on CPU float32 where the native operators build.
+        native_possible = self.device.type == "cpu" and dtype == torch.float32
+        self._native_ops = native_ops.load() if native_possible else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Logits (batch, new_tokens or 1, vocab) in float32 for the batch's new tokens."""
+        if (
+            self._native_ops is not None
+            and batch.num_new_tokens == 1
+            and _native_decode_fits(batch, kv_cache)
+        ):
+            return self._decode(batch, kv_cache)
         config = self.config
         batch_size, num_new = batch.token_ids.shape
         hidden = self.embed_tokens(batch.token_ids)  # (batch, new, hidden)
@@ -158,6 +167,44 @@ class LlamaModel:
             hidden = hidden[:, -1:]
         hidden = ops.rms_norm(hidden, self.final_norm, config.rms_norm_eps)
         return self.lm_head(hidden).float()
+
+    def _decode(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """One new token per sequence through the fused native operators: the same math as `forward`.
+
+        Per layer four matrix products and three native calls (residual add with
+        RMS norm, rotary + cache store + attention, silu gating) instead of ~25
+        small PyTorch operators, whose dispatch dominates a small model's decode.
+        """
+        config, library = self.config, self._native_ops
+        add_rms_norm, eps = native_ops.add_rms_norm, config.rms_norm_eps
+        batch_size = batch.batch_size
+        # (batch, hidden), a fresh copy: the residual stream is updated in place below
+        hidden = self.embed_tokens(batch.token_ids).reshape(batch_size, config.hidden_size).clone()
+        rotations = torch.view_as_real(self._rope_rotations(batch))  # (batch, 1, head_dim/2, 2): cos, sin
+        slots = torch.tensor(batch.slots, dtype=torch.int64)  # (batch,)
+        positions = batch.positions.reshape(batch_size)  # (batch,) int64
+        attend = native_ops.DecodeAttention(
+            library,
+            rotations,
+            slots,
+            positions,
+            config.num_heads,
+            kv_cache.keys[0].shape,
+            config.sliding_window,
+        )
+        # Buffers reused by every layer: each is consumed before the next layer overwrites it.
+        normed = torch.empty_like(hidden)  # (batch, hidden)
+        activation = torch.empty(batch_size, config.intermediate_size)  # (batch, intermediate)
+        delta = None  # (batch, hidden): the previous layer's MLP output, added to the residual stream
+        for layer, keys, values in zip(self.layers, kv_cache.keys, kv_cache.values):
+            add_rms_norm(library, hidden, delta, layer.input_norm, eps, normed)
+            qkv = layer.qkv_proj(normed)  # (batch, (heads + 2 * kv_heads) * head_dim)
+            attended = attend(qkv, keys, values)  # (batch, heads * head_dim); k and v stored in the cache
+            add_rms_norm(library, hidden, layer.o_proj(attended), layer.post_attention_norm, eps, normed)
+            gate_up = layer.gate_up_proj(normed)  # (batch, 2 * intermediate)
+            delta = layer.down_proj(native_ops.silu_mul(library, gate_up, activation))
+        add_rms_norm(library, hidden, delta, self.final_norm, eps, normed)
+        return self.lm_head(normed).view(batch_size, 1, -1)
 
     def _rope_rotations(self, batch: ForwardBatch) -> torch.Tensor:
         inverse_frequencies = self.inverse_frequencies
@@ -217,6 +264,18 @@ def expected_tensor_names(config: ModelConfig) -> list[str]:
         names += [prefix + f"self_attn.{name}_proj.weight" for name in "qkvo"]
         names += [prefix + f"mlp.{name}_proj.weight" for name in ("gate", "up", "down")]
     return names
+
+
+def _native_decode_fits(batch: ForwardBatch, kv_cache: KVCache) -> bool:
+    """Whether the native decode step may write this batch's keys: float32 cache, slots and positions
+    inside it, one sequence per slot. Anything else takes the PyTorch path (which reports the error)."""
+    return (
+        kv_cache.dtype == torch.float32
+        and max(batch.key_lengths) <= kv_cache.capacity
+        and max(batch.slots) < kv_cache.num_slots
+        and min(batch.slots) >= 0
+        and len(set(batch.slots)) == len(batch.slots)
+    )
 
 
 def _take_rows(weight: Weight, order: torch.Tensor | None) -> Weight:

@@ -1,0 +1,152 @@
+"""The fused native decode operators against the PyTorch operators they replace, and the model's fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ember
+from ember import native_ops, ops
+from ember.models.batch import ForwardBatch
+from tests.conftest import make_tiny_hf_model
+
+LIBRARY = native_ops.load()
+needs_library = pytest.mark.skipif(
+    LIBRARY is None, reason=f"native operators unavailable: {native_ops.failure_reason}"
+)
+
+
+@needs_library
+@pytest.mark.parametrize("dim", [576, 70])  # 70: a tail past the last full vector
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_residual_add_then_rms_norm(dim, with_delta):
+    generator = torch.Generator().manual_seed(dim)
+    hidden = torch.randn(3, dim, generator=generator) * 4
+    delta = torch.randn(3, dim, generator=generator)
+    weight = torch.randn(dim, generator=generator)
+    expected_hidden = hidden + delta if with_delta else hidden.clone()
+    expected = ops.rms_norm(expected_hidden, weight, 1e-5)
+    out = torch.empty(3, dim)
+    result = native_ops.add_rms_norm(LIBRARY, hidden, delta if with_delta else None, weight, 1e-5, out)
+    assert result is out
+    assert torch.equal(hidden, expected_hidden)  # the residual add happened in place, exactly
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+@needs_library
+@pytest.mark.parametrize("inner", [1536, 100])
+def test_silu_mul_matches_swiglu(inner):
+    gate_up = torch.randn(3, 2 * inner, generator=torch.Generator().manual_seed(inner)) * 6
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -20.0])  # saturated and zero gates
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = native_ops.silu_mul(LIBRARY, gate_up, torch.empty(3, inner))
+    assert (out - ops.swiglu(gate, up)).abs().max().item() < 1e-5
+
+
+def _reference_decode_attention(qkv, rotations, key_cache, value_cache, slots, positions, num_heads, window):
+    """What the model's PyTorch path does: rotate, cache write, masked grouped-query attention."""
+    batch_size = qkv.shape[0]
+    _, num_kv_heads, _, head_dim = key_cache.shape
+    rows = qkv.view(batch_size, 1, num_heads + 2 * num_kv_heads, head_dim)
+    rotated = ops.apply_rope_pairs(rows[:, :, : num_heads + num_kv_heads], rotations)
+    query = rotated[:, :, :num_heads].transpose(1, 2)  # (batch, heads, 1, head_dim)
+    key = rotated[:, :, num_heads:].transpose(1, 2)  # (batch, kv_heads, 1, head_dim)
+    value = rows[:, :, num_heads + num_kv_heads :].transpose(1, 2)
+    for row, (slot, position) in enumerate(zip(slots, positions)):
+        key_cache[slot, :, position : position + 1] = key[row]
+        value_cache[slot, :, position : position + 1] = value[row]
+    num_keys = max(positions) + 1
+    keys, values = key_cache[slots, :, :num_keys], value_cache[slots, :, :num_keys]
+    key_lengths = torch.tensor([position + 1 for position in positions])
+    attended = ops.attention(query, keys, values, torch.tensor(positions).view(-1, 1), key_lengths, window)
+    return attended.transpose(1, 2).reshape(batch_size, num_heads * head_dim)
+
+
+@needs_library
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2)])  # GQA ratios 1, 3, 4
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the portable (non-AVX-512 register) kernel
+@pytest.mark.parametrize("threaded", [False, True])
+def test_decode_attention_matches_rotate_store_and_attend(
+    monkeypatch, num_heads, num_kv_heads, window, head_dim, threaded
+):
+    # threaded: every batch takes the OpenMP path; else the single-thread loop
+    monkeypatch.setattr(native_ops, "PARALLEL_MIN_KEYS", 0 if threaded else 1 << 40)
+    generator = torch.Generator().manual_seed(num_heads * 100 + head_dim)
+    slots, positions = [2, 0, 3], [5, 40, 17]  # a ragged batch in scattered slots
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.randn(3, width, generator=generator)
+    key_cache = torch.randn(4, num_kv_heads, 64, head_dim, generator=generator)  # stale past contents
+    value_cache = torch.randn(4, num_kv_heads, 64, head_dim, generator=generator)
+    inverse_frequencies, _ = ops.rope_inverse_frequencies(head_dim, 10000.0)
+    rotations = ops.rope_rotations(inverse_frequencies, torch.tensor(positions).view(-1, 1))  # (3, 1, half)
+    expected_keys, expected_values = key_cache.clone(), value_cache.clone()
+    expected = _reference_decode_attention(
+        qkv, rotations, expected_keys, expected_values, slots, positions, num_heads, window
+    )
+    attend = native_ops.DecodeAttention(
+        LIBRARY,
+        torch.view_as_real(rotations),
+        torch.tensor(slots),
+        torch.tensor(positions),
+        num_heads,
+        key_cache.shape,
+        window,
+    )
+    out = attend(qkv, key_cache, value_cache)
+    assert out.shape == (3, num_heads * head_dim)
+    assert (key_cache - expected_keys).abs().max().item() < 1e-5  # rotated keys at their slot and position
+    assert torch.equal(value_cache, expected_values)  # values copied, everything else untouched
+    assert expected.std() > 0.1
+    assert (out - expected).abs().max().item() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("llama"), "llama", 2)
+
+
+def _decode_logits(handle: ember.ModelHandle, token_ids: list[int]) -> torch.Tensor:
+    """Prefill all but the last 6 tokens of two sequences, then decode those 6 as (2, 1) batches."""
+    model, cache = handle.model, handle.engine.kv_cache
+    entries = [cache.acquire(), cache.acquire()]
+    prompts = [token_ids, token_ids[3:]]  # different lengths: a ragged decode batch
+    try:
+        cache.ensure_capacity(len(token_ids))
+        for entry, prompt in zip(entries, prompts):
+            prefill = ForwardBatch(torch.tensor([prompt[:-6]]), [0], [entry.slot])
+            model.forward(prefill, cache)
+        rows = []
+        for step in range(6, 0, -1):
+            batch = ForwardBatch(
+                token_ids=torch.tensor([[prompt[-step]] for prompt in prompts]),
+                start_positions=[len(prompt) - step for prompt in prompts],
+                slots=[entry.slot for entry in entries],
+            )
+            rows.append(model.forward(batch, cache))  # (2, 1, vocab)
+        return torch.cat(rows, dim=1)
+    finally:
+        for entry in entries:
+            cache.release(entry)
+
+
+def test_without_the_native_operators_decode_falls_back_to_pytorch(monkeypatch, tmp_path, tiny_folder):
+    token_ids = list(range(40, 70))
+    native = ember.load(tiny_folder)
+    monkeypatch.setattr(native_ops, "_tried", False)
+    monkeypatch.setattr(native_ops, "_library", None)
+    monkeypatch.setattr(native_ops, "failure_reason", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native_ops, "SOURCE", native_ops.SOURCE + "\n// a source not yet in the cache\n")
+    assert native_ops.load() is None
+    assert native_ops.failure_reason
+    fallback = ember.load(tiny_folder)
+    assert fallback.model._native_ops is None
+    reference = _decode_logits(fallback, token_ids)
+    assert reference.shape == (2, 6, 2048)
+    assert reference.std() > 0.1
+    if LIBRARY is None:
+        pytest.skip(f"native operators unavailable: {native_ops.failure_reason}")
+    assert native.model._native_ops is not None
+    assert (_decode_logits(native, token_ids) - reference).abs().max().item() < 1e-4
