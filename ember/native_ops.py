@@ -13,7 +13,7 @@ under a microsecond of arithmetic. Three native operators replace them:
 
 They keep float32 semantics (the same formulas as `ember.ops`; only summation
 order differs, within ~1e-6). The source is compiled like the matrix kernels
-(`native_int4.open_library`) and called through ctypes with raw addresses, so a
+(`ember.native_build`) and called through ctypes with raw addresses, so a
 call costs about a microsecond. Where it cannot be built, `load()` returns None
 and the model keeps its PyTorch path.
 """
@@ -21,11 +21,10 @@ and the model keeps its PyTorch path.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from ember.quant.native_int4 import open_library
+from ember.native_build import NativeLibrary
 
 SOURCE = r"""
 #include <cmath>
@@ -334,34 +333,24 @@ extern "C" void ember_decode_attention(const DecodeArguments* arguments, const f
 # OpenMP region costs a few microseconds, about what ~500 keys of 64 dimensions take.
 PARALLEL_MIN_KEYS = 512
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-failure_reason: str | None = None  # why load() returned None, for reports and tests
+
+def _declare(library: ctypes.CDLL) -> None:
+    """ctypes signatures: raw addresses and ints, so a call costs no tensor conversions."""
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    library.ember_add_rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, pointer]
+    library.ember_add_rms_norm.restype = None
+    library.ember_silu_mul.argtypes = [pointer, i64, i64, pointer]
+    library.ember_silu_mul.restype = None
+    library.ember_decode_attention.argtypes = [pointer] * 4
+    library.ember_decode_attention.restype = None
+
+
+LIBRARY = NativeLibrary("ember_ops", SOURCE, (), _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled operator library, or None where this machine cannot build or run it."""
-    global _library, _tried, failure_reason
-    if _tried:
-        return _library
-    with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        library, reason = open_library(SOURCE, "ember_ops", ())
-        if library is None:
-            failure_reason = reason
-            return None
-        i64, pointer = ctypes.c_int64, ctypes.c_void_p
-        library.ember_add_rms_norm.argtypes = [pointer, pointer, pointer, i64, i64, ctypes.c_float, pointer]
-        library.ember_add_rms_norm.restype = None
-        library.ember_silu_mul.argtypes = [pointer, i64, i64, pointer]
-        library.ember_silu_mul.restype = None
-        library.ember_decode_attention.argtypes = [pointer] * 4
-        library.ember_decode_attention.restype = None
-        _library = library
-        return _library
+    return LIBRARY.load()
 
 
 # The wrappers take contiguous float32 CPU tensors (int64 for slots and positions) and check

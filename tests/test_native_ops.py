@@ -12,7 +12,7 @@ from tests.conftest import make_tiny_hf_model
 
 LIBRARY = native_ops.load()
 needs_library = pytest.mark.skipif(
-    LIBRARY is None, reason=f"native operators unavailable: {native_ops.failure_reason}"
+    LIBRARY is None, reason=f"native operators unavailable: {native_ops.LIBRARY.failure_reason}"
 )
 
 
@@ -133,20 +133,22 @@ def _decode_logits(handle: ember.ModelHandle, token_ids: list[int]) -> torch.Ten
 def test_without_the_native_operators_decode_falls_back_to_pytorch(monkeypatch, tmp_path, tiny_folder):
     token_ids = list(range(40, 70))
     native = ember.load(tiny_folder)
-    monkeypatch.setattr(native_ops, "_tried", False)
-    monkeypatch.setattr(native_ops, "_library", None)
-    monkeypatch.setattr(native_ops, "failure_reason", None)
+    monkeypatch.setattr(native_ops.LIBRARY, "_tried", False)
+    monkeypatch.setattr(native_ops.LIBRARY, "_library", None)
+    monkeypatch.setattr(native_ops.LIBRARY, "failure_reason", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(native_ops, "SOURCE", native_ops.SOURCE + "\n// a source not yet in the cache\n")
+    monkeypatch.setattr(
+        native_ops.LIBRARY, "source", native_ops.LIBRARY.source + "\n// a source not yet in the cache\n"
+    )
     assert native_ops.load() is None
-    assert native_ops.failure_reason
+    assert native_ops.LIBRARY.failure_reason
     fallback = ember.load(tiny_folder)
     assert fallback.model._native_ops is None
     reference = _decode_logits(fallback, token_ids)
     assert reference.shape == (2, 6, 2048)
     assert reference.std() > 0.1
     if LIBRARY is None:
-        pytest.skip(f"native operators unavailable: {native_ops.failure_reason}")
+        pytest.skip(f"native operators unavailable: {native_ops.LIBRARY.failure_reason}")
     assert native.model._native_ops is not None
     assert (_decode_logits(native, token_ids) - reference).abs().max().item() < 1e-4

@@ -162,7 +162,7 @@ def test_int4_layer_output_matches_float_math(gguf_tensors, backend, rows):
 @pytest.mark.parametrize("rows", BATCH_ROWS)
 def test_native_int4_is_exact_apart_from_bfloat16_activations(gguf_tensors, rows):
     if not NATIVE:
-        pytest.skip(f"native int4 kernel unavailable: {native_int4.failure_reason}")
+        pytest.skip(f"native int4 kernel unavailable: {native_int4.LIBRARY.failure_reason}")
     tensor = gguf_tensors["blk.0.ffn_down.weight"]
     layer = make_linear(tensor, None, "int4", torch.float32)  # float32 dequantized weight for many rows
     assert layer.backend == "native"
@@ -222,7 +222,7 @@ def test_q8_rows_are_the_dequantized_rows(gguf_tensors, backend):
 @pytest.mark.parametrize("rows", Q8_BATCH_ROWS)
 def test_native_int8_is_exact_apart_from_int16_activations(gguf_tensors, rows):
     if not NATIVE_INT8:
-        pytest.skip(f"native int8 kernel unavailable: {native_int8.failure_reason}")
+        pytest.skip(f"native int8 kernel unavailable: {native_int8.LIBRARY.failure_reason}")
     part = first_rows(gguf_tensors["token_embd.weight"], 3000)
     layer = make_linear(part, None, "int8", torch.float32)  # float32 dequantized weight for many rows
     assert isinstance(layer, Q8Linear) and layer.backend == "native"
@@ -269,7 +269,7 @@ def test_q8_bfloat16_many_rows_path_is_within_bfloat16_rounding(gguf_tensors):
 
 def test_native_int8_gives_the_same_bits_on_one_and_two_threads():
     if not NATIVE_INT8:
-        pytest.skip(f"native int8 kernel unavailable: {native_int8.failure_reason}")
+        pytest.skip(f"native int8 kernel unavailable: {native_int8.LIBRARY.failure_reason}")
     layer = Q8Linear.from_blocks(random_blocks("Q8_0", (1000, 256), seed=4), backend="native")
     x = torch.randn(9, 256)
     threads = torch.get_num_threads()
@@ -395,7 +395,7 @@ def test_fused_float_weights_and_biases():
 
 def test_native_kernel_handles_rows_not_a_multiple_of_sixteen():
     if not NATIVE:
-        pytest.skip(f"native int4 kernel unavailable: {native_int4.failure_reason}")
+        pytest.skip(f"native int4 kernel unavailable: {native_int4.LIBRARY.failure_reason}")
     tensor = random_blocks("Q4_1", (100, 64), seed=2)
     layer = make_linear(tensor, None, "int4", torch.float32)
     assert layer.backend == "native"
@@ -424,14 +424,16 @@ def test_wrong_input_size_is_refused_not_read_past(quant):
 
 
 def test_a_failed_native_build_falls_back_to_pytorch_kernels(monkeypatch, tmp_path):
-    monkeypatch.setattr(native_int4, "_tried", False)
-    monkeypatch.setattr(native_int4, "_library", None)
-    monkeypatch.setattr(native_int4, "failure_reason", None)
+    monkeypatch.setattr(native_int4.LIBRARY, "_tried", False)
+    monkeypatch.setattr(native_int4.LIBRARY, "_library", None)
+    monkeypatch.setattr(native_int4.LIBRARY, "failure_reason", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(native_int4, "SOURCE", native_int4.SOURCE + "\n// a source not yet in the cache\n")
+    monkeypatch.setattr(
+        native_int4.LIBRARY, "source", native_int4.LIBRARY.source + "\n// a source not yet in the cache\n"
+    )
     assert native_int4.load() is None
-    assert native_int4.failure_reason
+    assert native_int4.LIBRARY.failure_reason
     weight = torch.randn(64, 96) * 0.1
     layer = make_linear(weight, None, "int4", torch.float32)
     assert layer.backend == "tinygemm"
@@ -440,14 +442,16 @@ def test_a_failed_native_build_falls_back_to_pytorch_kernels(monkeypatch, tmp_pa
 
 
 def test_without_the_native_int8_kernel_q8_falls_back_to_float_weights(monkeypatch, tmp_path, gguf_tensors):
-    monkeypatch.setattr(native_int8, "_tried", False)
-    monkeypatch.setattr(native_int8, "_library", None)
-    monkeypatch.setattr(native_int8, "failure_reason", None)
+    monkeypatch.setattr(native_int8.LIBRARY, "_tried", False)
+    monkeypatch.setattr(native_int8.LIBRARY, "_library", None)
+    monkeypatch.setattr(native_int8.LIBRARY, "failure_reason", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(native_int8, "SOURCE", native_int8.SOURCE + "\n// a source not yet in the cache\n")
+    monkeypatch.setattr(
+        native_int8.LIBRARY, "source", native_int8.LIBRARY.source + "\n// a source not yet in the cache\n"
+    )
     assert native_int8.load() is None
-    assert "build failed" in native_int8.failure_reason
+    assert "build failed" in native_int8.LIBRARY.failure_reason
     tensor = first_rows(gguf_tensors["token_embd.weight"], 256)
     expected = reference_weight(tensor)
     exact = make_linear(tensor, None, "int8", torch.float32)

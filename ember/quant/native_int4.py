@@ -25,22 +25,15 @@ Tiles are stored (tiles, blocks, 320): each tile's blocks are contiguous.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
-import threading
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
+
+from ember.native_build import NativeLibrary
 
 TILE_ROWS = 16
 BLOCK = 32
 TILE_BLOCK_BYTES = 320
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
-_COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -220,97 +213,29 @@ extern "C" void ember_int4_dequantize_transposed(const uint8_t* packed, int64_t 
 }
 """
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-failure_reason: str | None = None  # why load() returned None, for reports and tests
+
+def _declare(library: ctypes.CDLL) -> None:
+    """ctypes signatures: raw addresses and ints, so a call costs no tensor conversions."""
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    library.ember_int4_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, ctypes.c_int]
+    library.ember_int4_matmul.restype = None
+    library.ember_int4_dequantize_transposed.argtypes = [
+        pointer,
+        i64,
+        i64,
+        pointer,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    library.ember_int4_dequantize_transposed.restype = None
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_folder() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ember" / "kernels"
-
-
-def _build(source: str, name: str, flags: set[str]) -> Path:
-    """Compile `source` into the cache (once per source, flags and CPU), atomically."""
-    key = hashlib.sha256(
-        "\n".join([source, " ".join(_COMPILE_FLAGS), " ".join(sorted(flags))]).encode()
-    ).hexdigest()[:16]
-    folder = _cache_folder()
-    library_path = folder / f"{name}_{key}.so"
-    if library_path.exists():
-        return library_path
-    folder.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CXX", "g++")
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        source_path = Path(scratch) / f"{name}.cpp"
-        source_path.write_text(source)
-        output_path = Path(scratch) / f"{name}.so"
-        subprocess.run(
-            [compiler, *_COMPILE_FLAGS, str(source_path), "-o", str(output_path)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(output_path, library_path)
-    return library_path
-
-
-def open_library(source: str, name: str, required_flags: Sequence[str]) -> tuple[ctypes.CDLL | None, str]:
-    """Build (or find in the cache) and open a kernel library: (library, "") or (None, why not).
-
-    Shared by the native kernels; each keeps its own once-only state around this call.
-    """
-    flags = _cpu_flags()
-    missing = [flag for flag in required_flags if flag not in flags]
-    if sys.platform != "linux" or missing:
-        return None, f"CPU lacks {', '.join(missing)}" if missing else "not Linux"
-    # torch is imported first, so the library's libgomp.so.1 resolves to torch's: one OpenMP pool
-    try:
-        return ctypes.CDLL(str(_build(source, name, flags))), ""
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        return None, f"build failed: {error} {detail.decode(errors='replace')[:300]}".strip()
+LIBRARY = NativeLibrary("ember_int4", SOURCE, _REQUIRED_CPU_FLAGS, _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where this machine cannot build or run it."""
-    global _library, _tried, failure_reason
-    if _tried:
-        return _library
-    with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        library, reason = open_library(SOURCE, "ember_int4", _REQUIRED_CPU_FLAGS)
-        if library is None:
-            failure_reason = reason
-            return None
-        i64, pointer = ctypes.c_int64, ctypes.c_void_p
-        library.ember_int4_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, ctypes.c_int]
-        library.ember_int4_matmul.restype = None
-        library.ember_int4_dequantize_transposed.argtypes = [
-            pointer,
-            i64,
-            i64,
-            pointer,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        library.ember_int4_dequantize_transposed.restype = None
-        _library = library
-        return _library
+    return LIBRARY.load()
 
 
 def pack_tiles(codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,10 @@ Tiles are stored (tiles, blocks, 544): each tile's blocks are contiguous.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from ember.quant.native_int4 import open_library
+from ember.native_build import NativeLibrary
 
 TILE_ROWS = 16
 BLOCK = 32
@@ -245,34 +244,24 @@ extern "C" int ember_int8_rows(const uint8_t* packed, int64_t N, int64_t K, cons
 }
 """
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_tried = False
-failure_reason: str | None = None  # why load() returned None, for reports and tests
+
+def _declare(library: ctypes.CDLL) -> None:
+    """ctypes signatures: raw addresses and ints, so a call costs no tensor conversions."""
+    i64, pointer, integer = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    library.ember_int8_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, integer]
+    library.ember_int8_matmul.restype = None
+    library.ember_int8_dequantize_transposed.argtypes = [pointer, i64, i64, pointer, integer, integer]
+    library.ember_int8_dequantize_transposed.restype = None
+    library.ember_int8_rows.argtypes = [pointer, i64, i64, pointer, i64, pointer]
+    library.ember_int8_rows.restype = integer
+
+
+LIBRARY = NativeLibrary("ember_int8", SOURCE, _REQUIRED_CPU_FLAGS, _declare)
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where this machine cannot build or run it."""
-    global _library, _tried, failure_reason
-    if _tried:
-        return _library
-    with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        library, reason = open_library(SOURCE, "ember_int8", _REQUIRED_CPU_FLAGS)
-        if library is None:
-            failure_reason = reason
-            return None
-        i64, pointer, integer = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        library.ember_int8_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, integer]
-        library.ember_int8_matmul.restype = None
-        library.ember_int8_dequantize_transposed.argtypes = [pointer, i64, i64, pointer, integer, integer]
-        library.ember_int8_dequantize_transposed.restype = None
-        library.ember_int8_rows.argtypes = [pointer, i64, i64, pointer, i64, pointer]
-        library.ember_int8_rows.restype = integer
-        _library = library
-        return _library
+    return LIBRARY.load()
 
 
 _PACK_TILES_PER_STEP = 256

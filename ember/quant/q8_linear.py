@@ -53,7 +53,9 @@ class Q8Linear:
         self.backend = backend or ("native" if self._native_usable(codes.device) else "float")
         self._library = native_int8.load() if self.backend == "native" else None
         if self.backend == "native" and self._library is None:
-            raise ModelLoadError(f"the native int8 kernel is unavailable: {native_int8.failure_reason}")
+            raise ModelLoadError(
+                f"the native int8 kernel is unavailable: {native_int8.LIBRARY.failure_reason}"
+            )
         self._table: torch.Tensor | None = None  # the float form's plain weight for rows(), made on demand
         if self.backend == "native":
             self.tiles = native_int8.pack_tiles(codes, scales)  # (tiles, blocks, 544) uint8
