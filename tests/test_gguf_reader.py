@@ -232,6 +232,21 @@ def test_llama_q_and_k_rows_are_unpermuted(tmp_path):
             assert np.array_equal(ours.numpy(), original[f"blk.{layer}.{gguf_role}.weight"])
 
 
+def test_gguf_version_2_reads_like_version_3(tmp_path):
+    """v2 and v3 share the layout (v3 only allows big-endian files); the header's version word differs."""
+    path = write_tiny_gguf(tmp_path / "v3.gguf", "llama", tiny_tensors(seed=9))
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"GGUF" and int.from_bytes(data[4:8], "little") == 3
+    data[4:8] = (2).to_bytes(4, "little")
+    version_2 = tmp_path / "v2.gguf"
+    version_2.write_bytes(bytes(data))
+    old, new = read_gguf(path), read_gguf(version_2)
+    assert new.gguf_version == 2
+    assert new.config == old.config
+    for name, tensor in old.tensors.items():
+        assert torch.equal(as_float(new.tensors[name]), as_float(tensor)), name
+
+
 def test_llama_quantized_q_rows_are_unpermuted(tmp_path):
     tensors = tiny_tensors(seed=3)
     q_weight = tensors["blk.0.attn_q.weight"].astype(np.float32)
