@@ -148,3 +148,22 @@ def test_abandoned_stream_frees_its_slot(tiny):
     stream.close()
     assert not tiny.engine.has_unfinished()
     assert all(not entry.pinned for entry in cache.entries_by_slot.values())
+
+
+def test_running_out_of_cache_preempts_and_resumes_with_the_same_text(tmp_path):
+    folder = make_tiny_hf_model(tmp_path, "llama", 2, max_position_embeddings=1024)
+    handle = ember.load(folder, cache_memory_mib=1)  # 2048 tokens: four sequences cannot all reach 600
+    params = SamplingParams(temperature=0.0, max_tokens=580, ignore_eos=True)
+    prompts = [_prompt(80 + i, 20) for i in range(4)]
+    requests = [GenerationRequest(prompt, params) for prompt in prompts]
+    for request in requests:
+        handle.engine.add_request(request)
+    together: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    while handle.engine.has_unfinished():
+        for output in handle.engine.step():
+            if output.token_id is not None:
+                together[output.request_id].append(output.token_id)
+    assert handle.engine.num_preemptions > 0
+    assert handle.engine.kv_cache.memory_bytes <= 1 << 20
+    alone = [_tokens(handle, prompt, params)[0] for prompt in prompts]
+    assert [together[r.request_id] for r in requests] == alone

@@ -59,6 +59,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.on_prefill_progress: ProgressCallback | None = None
+        self.num_preemptions = 0  # running sequences paused because the cache budget ran out
 
     # ------------------------------------------------------------ front-end API
 
@@ -174,14 +175,16 @@ class Engine:
     def _prefill(self, sequence: Sequence) -> torch.Tensor:
         """Compute the prompt's uncached tail; returns the last position's logits (vocab,)."""
         started = time.perf_counter()
-        prompt = sequence.prompt_token_ids
+        # A preempted sequence comes back with its output so far: all of it is its prompt now.
+        prompt = sequence.all_token_ids
         entry = self.kv_cache.acquire(sequence.cache_entry)
         sequence.cache_entry = entry
         try:
             self.kv_cache.ensure_capacity(len(prompt))
             reused = self.kv_cache.reusable_prefix(entry, prompt)
             self.kv_cache.truncate(entry, reused)
-            sequence.num_cached_tokens = reused
+            if not sequence.output_token_ids:  # a readmitted (preempted) sequence keeps its first count
+                sequence.num_cached_tokens = reused
             logits = None
             if self.on_prefill_progress is not None:
                 self.on_prefill_progress(0, len(prompt) - reused)
@@ -203,8 +206,19 @@ class Engine:
         return logits
 
     def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
-        """One batched forward of each sequence's last token; returns logits (batch, vocab)."""
-        self.kv_cache.ensure_capacity(max(s.num_tokens for s in sequences))
+        """One batched forward of each sequence's last token; returns logits (batch, vocab).
+
+        `sequences` is reordered (by slot) and may lose members to preemption, in
+        place: the caller pairs the logits' rows with the list as it is afterwards.
+        """
+        while True:
+            try:
+                self.kv_cache.ensure_capacity(max(s.num_tokens for s in sequences))
+                break
+            except CacheFullError:
+                if len(sequences) == 1:
+                    raise
+                self._preempt(sequences.pop())  # the newest sequence waits; the others go on
         sequences.sort(key=lambda s: s.cache_entry.slot)  # consecutive slots read as one view
         batch = ForwardBatch(
             token_ids=torch.tensor([[s.output_token_ids[-1]] for s in sequences], device=self.model.device),
@@ -215,6 +229,20 @@ class Engine:
         for sequence in sequences:
             sequence.cache_entry.token_ids.append(sequence.output_token_ids[-1])
         return logits
+
+    def _preempt(self, sequence: Sequence) -> None:
+        """Out of cache memory: free a running sequence's slot and queue it to be recomputed.
+
+        Its output so far stays; on readmission it prefills prompt + output (a
+        chat session's entry is kept if the budget allows, so often nothing is
+        recomputed) and carries on, so its text is the same as if it had never
+        paused.
+        """
+        self.running.remove(sequence)
+        self.kv_cache.release(sequence.cache_entry, keep=sequence.request.cache_entry is not None)
+        sequence.status = SequenceStatus.WAITING
+        self.waiting.appendleft(sequence)
+        self.num_preemptions += 1
 
     def _sample_rows(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
         if all(s.params.greedy and not s.params.uses_penalties for s in sequences):
