@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -277,7 +278,7 @@ def test_version_1_file_is_migrated_with_all_data(tmp_path):
         store.append_message(session.id, "user", "still works", token_count=3)
 
     connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert connection.execute("SELECT count(*) FROM messages").fetchone()[0] == 4
     connection.close()
 
@@ -310,9 +311,9 @@ def test_two_connections_share_the_file(tmp_path):
         assert contents(reader.active_path(session.id)) == [f"m{number}" for number in range(5)]
 
         reply = writer.start_reply(session.id)
-        with SessionStore(path) as late_opener:  # sees a live reply as streaming and marks it
-            assert late_opener.get_message(reply.id).status == "interrupted"
-        writer.update_reply(reply.id, "still alive")  # the live writer takes it back
+        with SessionStore(path) as late_opener:  # the writer is alive: its reply is left alone
+            assert late_opener.get_message(reply.id).status == "streaming"
+        writer.update_reply(reply.id, "still alive")
         assert reader.get_message(reply.id).status == "streaming"
         writer.finish_reply(reply.id, "still alive, done")
         assert reader.get_message(reply.id).status == "complete"
@@ -412,3 +413,24 @@ def test_threads_and_processes_write_at_once(tmp_path):
         counts = {session.id: session.message_count for session in store.list_sessions()}
         assert counts == {session.id: 20 for session in [child_session, *thread_sessions]}
         assert contents(store.active_path(child_session.id))[-1] == "child 19"
+
+
+def test_opening_the_store_leaves_a_live_writers_reply_alone(tmp_path):
+    path = tmp_path / "sessions.sqlite3"
+    with SessionStore(path) as writer:
+        session = writer.create_session()
+        writer.append_message(session.id, "user", "hello")
+        live = writer.start_reply(session.id)
+        writer.update_reply(live.id, "still being written")
+        dead = writer.start_alternative_reply(session.id)
+        # A reply whose writer was another, vanished process (a pid that cannot be running).
+        writer._connection.execute(
+            "UPDATE messages SET writer = ? WHERE id = ?",
+            (f"{socket.gethostname()}:999999999:12345", dead.id),
+        )
+        with SessionStore(path) as reader:  # e.g. a second terminal or the server opening the same file
+            assert reader.recovered_replies == 1
+            assert reader.get_message(live.id).status == "streaming"
+            assert reader.get_message(dead.id).status == "interrupted"
+        writer.finish_reply(live.id, "still being written, now done")
+        assert writer.get_message(live.id).status == "complete"

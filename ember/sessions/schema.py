@@ -50,7 +50,11 @@ _VERSION_2 = (
     "CREATE INDEX IF NOT EXISTS messages_by_status ON messages(status)",
 )
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_VERSION_1, _VERSION_2)
+# Version 3: which process is streaming a reply ("host:pid:start time"), so a store
+# opened elsewhere recovers only replies whose writer is gone, not live ones.
+_VERSION_3 = ("ALTER TABLE messages ADD COLUMN writer TEXT",)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -7,9 +7,10 @@ is ever deleted except by `delete_session`.
 
 Durability: WAL journal, synchronous=FULL, every write one transaction. A reply
 is written while it streams (status 'streaming'); a store opened after its
-writer died marks it 'interrupted' and keeps the partial text. Another live
-process opening the store will also mark a reply being streamed elsewhere; the
-writer's next `update_reply` takes it back to 'streaming', so it heals at once.
+writer died marks it 'interrupted' and keeps the partial text. Each streaming
+reply records its writer (host, pid and the process's start time), so a store
+opened by another live process leaves replies that are still being written
+alone.
 """
 
 import json
@@ -26,6 +27,7 @@ from ember.errors import EmberError, InvalidRequestError
 from ember.sessions import export, queries
 from ember.sessions.records import ROLES, STATUSES, Message, Session
 from ember.sessions.schema import migrate
+from ember.sessions.writer import THIS_WRITER, writer_is_alive
 
 
 class _Marker(Enum):
@@ -61,11 +63,18 @@ class SessionStore:
             self._connection.execute("PRAGMA foreign_keys = ON")
             migrate(self._connection, str(self.path))
             with self._transaction() as connection:
-                cursor = connection.execute(
-                    "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'"
+                orphans = [
+                    row["id"]
+                    for row in connection.execute(
+                        "SELECT id, writer FROM messages WHERE status = 'streaming'"
+                    )
+                    if not writer_is_alive(row["writer"])
+                ]
+                connection.executemany(
+                    "UPDATE messages SET status = 'interrupted' WHERE id = ?", [(i,) for i in orphans]
                 )
             # How many unfinished replies from a killed process were found and kept.
-            self.recovered_replies: int = cursor.rowcount
+            self.recovered_replies: int = len(orphans)
         except BaseException as error:
             self._connection.close()
             if isinstance(error, sqlite3.Error):
@@ -192,7 +201,14 @@ class SessionStore:
 
     def start_reply(self, session_id: str, *, parent_id: str | None | _Marker = AT_HEAD) -> Message:
         """Create an empty assistant message in status 'streaming' and make it the head."""
-        return self.append_message(session_id, "assistant", "", status="streaming", parent_id=parent_id)
+        message = self.append_message(session_id, "assistant", "", status="streaming", parent_id=parent_id)
+        self._claim(message.id)
+        return message
+
+    def _claim(self, message_id: str) -> None:
+        """Record this process as the writer of a streaming reply."""
+        with self._transaction() as connection:
+            connection.execute("UPDATE messages SET writer = ? WHERE id = ?", (THIS_WRITER, message_id))
 
     def start_alternative_reply(self, session_id: str) -> Message:
         """/regen: start another answer to the last user message, keeping the current one as a sibling."""
@@ -202,16 +218,19 @@ class SessionStore:
                 raise InvalidRequestError("there is no message to answer again")
             head = path[-1]
             parent_id = head.parent_id if head.role == "assistant" else head.id
-            return queries.insert_message(
+            message = queries.insert_message(
                 connection, session_id, parent_id, "assistant", "", "streaming", None
             )
+            connection.execute("UPDATE messages SET writer = ? WHERE id = ?", (THIS_WRITER, message.id))
+            return message
 
     def update_reply(self, message_id: str, content: str) -> None:
         """Store the reply's text so far (the whole text, not a delta); one small write, fine every 0.5 s."""
         with self._transaction() as connection:
             cursor = connection.execute(
-                "UPDATE messages SET content = ?, status = 'streaming' WHERE id = ? AND status != 'complete'",
-                (content, message_id),
+                "UPDATE messages SET content = ?, status = 'streaming', writer = ?"
+                " WHERE id = ? AND status != 'complete'",
+                (content, THIS_WRITER, message_id),
             )
             if cursor.rowcount == 0:
                 queries.read_message(connection, message_id)  # raises NotFoundError when missing
@@ -241,7 +260,9 @@ class SessionStore:
             head_id = queries.require_session(connection, message.session_id)["head_message_id"]
             if message.role != "assistant" or message.id != head_id:
                 raise InvalidRequestError("only the last answer of the conversation can be continued")
-            connection.execute("UPDATE messages SET status = 'streaming' WHERE id = ?", (message_id,))
+            connection.execute(
+                "UPDATE messages SET status = 'streaming', writer = ? WHERE id = ?", (THIS_WRITER, message_id)
+            )
             return queries.read_message(connection, message_id)
 
     def edit_message(self, message_id: str, content: str) -> Message:
