@@ -112,6 +112,8 @@ def load(
     quant = quant or default_quant(checkpoint)
     if quant not in QUANT_MODES:
         raise EmberError(f"unknown quant mode {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    if context_length is not None and context_length < 2:
+        raise EmberError(f"context length must be at least 2 tokens, got {context_length}")
 
     def layer_built(done: int, total: int) -> None:
         checkpoint.release_file_pages()  # keeps the file's pages from piling up in resident memory

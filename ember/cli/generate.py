@@ -43,9 +43,8 @@ def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}
         ]
         template = ChatTemplate.for_tokenizer(handle.tokenizer)
-        prompt_ids = handle.encode(
-            template.render(messages, add_generation_prompt=True), add_special_tokens=False
-        )
+        # As in chat: bos is added only when the model wants it and the template did not write it.
+        prompt_ids = handle.encode(template.render(messages, add_generation_prompt=True))
     else:
         prompt_ids = handle.encode(prompt)
 
