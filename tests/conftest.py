@@ -89,3 +89,13 @@ def hf_smollm2_tokenizer(smollm2_gguf):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+def break_native_build(monkeypatch, tmp_path: Path, library) -> None:
+    """Make a `NativeLibrary` fail to build, as on a machine without a compiler (undone after the test)."""
+    monkeypatch.setattr(library, "_tried", False)
+    monkeypatch.setattr(library, "_library", None)
+    monkeypatch.setattr(library, "failure_reason", None)
+    monkeypatch.setattr(library, "source", library.source + "\n// a source not yet in the cache\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))

@@ -8,7 +8,7 @@ import torch
 import ember
 from ember import native_ops, ops
 from ember.models.batch import ForwardBatch
-from tests.conftest import make_tiny_hf_model
+from tests.conftest import break_native_build, make_tiny_hf_model
 
 LIBRARY = native_ops.load()
 needs_library = pytest.mark.skipif(
@@ -133,14 +133,7 @@ def _decode_logits(handle: ember.ModelHandle, token_ids: list[int]) -> torch.Ten
 def test_without_the_native_operators_decode_falls_back_to_pytorch(monkeypatch, tmp_path, tiny_folder):
     token_ids = list(range(40, 70))
     native = ember.load(tiny_folder)
-    monkeypatch.setattr(native_ops.LIBRARY, "_tried", False)
-    monkeypatch.setattr(native_ops.LIBRARY, "_library", None)
-    monkeypatch.setattr(native_ops.LIBRARY, "failure_reason", None)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(
-        native_ops.LIBRARY, "source", native_ops.LIBRARY.source + "\n// a source not yet in the cache\n"
-    )
+    break_native_build(monkeypatch, tmp_path, native_ops.LIBRARY)
     assert native_ops.load() is None
     assert native_ops.LIBRARY.failure_reason
     fallback = ember.load(tiny_folder)

@@ -34,6 +34,7 @@ from ember.quant.linear import (
     concat_linear_weights,
     make_linear,
 )
+from tests.conftest import break_native_build
 
 NATIVE = native_int4.load() is not None
 NATIVE_INT8 = native_int8.load() is not None
@@ -424,14 +425,7 @@ def test_wrong_input_size_is_refused_not_read_past(quant):
 
 
 def test_a_failed_native_build_falls_back_to_pytorch_kernels(monkeypatch, tmp_path):
-    monkeypatch.setattr(native_int4.LIBRARY, "_tried", False)
-    monkeypatch.setattr(native_int4.LIBRARY, "_library", None)
-    monkeypatch.setattr(native_int4.LIBRARY, "failure_reason", None)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(
-        native_int4.LIBRARY, "source", native_int4.LIBRARY.source + "\n// a source not yet in the cache\n"
-    )
+    break_native_build(monkeypatch, tmp_path, native_int4.LIBRARY)
     assert native_int4.load() is None
     assert native_int4.LIBRARY.failure_reason
     weight = torch.randn(64, 96) * 0.1
@@ -442,14 +436,7 @@ def test_a_failed_native_build_falls_back_to_pytorch_kernels(monkeypatch, tmp_pa
 
 
 def test_without_the_native_int8_kernel_q8_falls_back_to_float_weights(monkeypatch, tmp_path, gguf_tensors):
-    monkeypatch.setattr(native_int8.LIBRARY, "_tried", False)
-    monkeypatch.setattr(native_int8.LIBRARY, "_library", None)
-    monkeypatch.setattr(native_int8.LIBRARY, "failure_reason", None)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(
-        native_int8.LIBRARY, "source", native_int8.LIBRARY.source + "\n// a source not yet in the cache\n"
-    )
+    break_native_build(monkeypatch, tmp_path, native_int8.LIBRARY)
     assert native_int8.load() is None
     assert "build failed" in native_int8.LIBRARY.failure_reason
     tensor = first_rows(gguf_tensors["token_embd.weight"], 256)
