@@ -1,0 +1,96 @@
+"""Opening a GGUF file: a faster `gguf.GGUFReader`, and one-line errors for every way a file can be bad."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ember.errors import ModelLoadError
+
+_ARRAY, _STRING = int(gguf.GGUFValueType.ARRAY), int(gguf.GGUFValueType.STRING)
+
+
+class MappedReader(gguf.GGUFReader):
+    """`gguf.GGUFReader`, made fast enough to open a 50k-token vocabulary in a few tens of ms.
+
+    The stock reader slices an `np.memmap` twice per string, and memmap slicing is
+    slow (~3 s for SmolLM2); here it slices a plain ndarray view of the same map and
+    reads string arrays in one loop. The fields and tensors it builds are the same.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_view
+
+    @data.setter
+    def data(self, memmap: np.memmap) -> None:
+        self._memmap = memmap
+        self._plain_view = memmap.view(np.ndarray)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
+        if raw_type != _ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        types = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(int(item_type[0]))]
+        offset, parts = orig_offs + 12, [item_type, count]
+        if item_type[0] == _STRING:
+            buffer = self._plain_view
+            for _ in range(int(count[0])):
+                (length,) = struct.unpack_from("<Q", buffer, offset)
+                end = offset + 8 + length
+                if end > buffer.size:
+                    raise ValueError("string runs past the end of the file")
+                parts += (buffer[offset : offset + 8].view(np.uint64), buffer[offset + 8 : end])
+                offset = end
+            return offset - orig_offs, parts, list(range(3, len(parts), 2)), types
+        scalar_type = self.gguf_scalar_to_np.get(types[1])
+        if scalar_type is None:  # arrays of arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offset, scalar_type, int(count[0]))
+        if len(values) != count[0]:
+            raise ValueError("array runs past the end of the file")
+        parts += [values[index : index + 1] for index in range(len(values))]
+        return 12 + values.nbytes, parts, list(range(2, len(parts))), types
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        """Check every tensor's type and byte range first: a truncated file fails with a clear message."""
+        file_size = self._plain_view.size
+        for tensor_field in fields:
+            _, name_data, _, dims, raw_type, relative_offset = tensor_field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            try:
+                ggml_type = gguf.GGMLQuantizationType(int(raw_type[0]))
+            except ValueError:
+                raise ModelLoadError(f"tensor {name!r} has unknown GGML type id {int(raw_type[0])}") from None
+            block_values, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+            end = start_offs + int(relative_offset[0]) + int(np.prod(dims)) * block_bytes // block_values
+            if end > file_size:
+                raise ModelLoadError(
+                    f"{self._memmap.filename} is truncated: tensor {name!r} ends at byte {end} "
+                    f"but the file has {file_size} bytes"
+                )
+        super()._build_tensors(start_offs, fields)
+
+
+def open_gguf(path: Path) -> MappedReader:
+    """Open a GGUF file, turning every way it can fail into a one-line `ModelLoadError`."""
+    if not path.exists():
+        raise ModelLoadError(f"{path} not found")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file")
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        reader = MappedReader(path, "c")  # copy-on-write map: tensors are writable, the file is not
+    except ModelLoadError:
+        raise
+    except Exception as error:  # the gguf package raises many kinds on a damaged header
+        raise ModelLoadError(f"{path} is truncated or corrupt (unreadable GGUF header: {error})") from None
+    if reader.byte_order != "I":
+        raise ModelLoadError(f"{path} is a big-endian GGUF file, which ember does not read")
+    return reader
