@@ -139,8 +139,3 @@ class Sampler:
         if params.frequency_penalty != 0.0:
             logits = logits - params.frequency_penalty * self.output_counts
         return logits
-
-
-def greedy_tokens(logits: torch.Tensor) -> list[int]:
-    """Argmax of each row of (batch, vocab) logits in one call: the all-greedy fast path."""
-    return torch.argmax(logits, dim=-1).tolist()
