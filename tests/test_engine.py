@@ -167,3 +167,25 @@ def test_running_out_of_cache_preempts_and_resumes_with_the_same_text(tmp_path):
     assert handle.engine.kv_cache.memory_bytes <= 1 << 20
     alone = [_tokens(handle, prompt, params)[0] for prompt in prompts]
     assert [together[r.request_id] for r in requests] == alone
+
+
+def test_interleaved_generate_iterators_batch_together_and_match_single_runs(tiny):
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [_prompt(90, 7), _prompt(91, 15)]
+    alone = [_tokens(tiny, prompt, params)[0] for prompt in prompts]
+    streams = [tiny.engine.generate(GenerationRequest(prompt, params)) for prompt in prompts]
+    collected: list[list[int]] = [[], []]
+    largest_batch = 0
+    finished = [False, False]
+    while not all(finished):
+        for index, stream in enumerate(streams):
+            if finished[index]:
+                continue
+            output = next(stream)
+            largest_batch = max(largest_batch, len(tiny.engine.running))
+            if output.token_id is not None:
+                collected[index].append(output.token_id)
+            finished[index] = output.finished
+    assert collected == alone
+    assert largest_batch == 2  # the two requests decoded in the same steps
+    assert not tiny.engine.has_unfinished() and not tiny.engine._mailboxes

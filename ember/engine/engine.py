@@ -60,6 +60,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.on_prefill_progress: ProgressCallback | None = None
         self.num_preemptions = 0  # running sequences paused because the cache budget ran out
+        self._mailboxes: dict[str, deque[StepOutput]] = {}  # outputs waiting for their generate() iterator
 
     # ------------------------------------------------------------ front-end API
 
@@ -99,14 +100,31 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def generate(self, request: GenerationRequest) -> Iterator[StepOutput]:
-        """Run one request to completion, yielding its outputs; closing the iterator aborts it."""
+        """Run one request to completion, yielding its outputs; closing the iterator aborts it.
+
+        Several `generate` iterators alive at once (in one thread) share the
+        steps: whichever advances runs a batched step for all of them, and each
+        output waits in its request's mailbox until its own iterator takes it.
+        Requests queued with `add_request` belong to whoever calls `step()`:
+        do not mix the two styles on one engine.
+        """
         sequence = self.add_request(request)
+        mailbox = self._mailboxes[sequence.request_id] = deque()
         try:
-            while sequence.status is not SequenceStatus.FINISHED:
-                for output in self.step():
-                    if output.request_id == sequence.request_id:
+            while True:
+                while mailbox:
+                    output = mailbox.popleft()
+                    if output.finished:  # nothing more will arrive: free the mailbox now
+                        self._mailboxes.pop(sequence.request_id, None)
                         yield output
+                        return
+                    yield output
+                for output in self.step():
+                    box = self._mailboxes.get(output.request_id)
+                    if box is not None:
+                        box.append(output)
         finally:
+            self._mailboxes.pop(sequence.request_id, None)
             if sequence.status is not SequenceStatus.FINISHED:
                 self._remove(sequence)
                 self._finish(sequence, "abort")
