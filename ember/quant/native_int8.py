@@ -31,6 +31,7 @@ import ctypes
 import torch
 
 from ember.native_build import NativeLibrary
+from ember.quant.native_tiles import declare_tile_kernels, tile_dequantize_transposed, tile_matmul
 
 TILE_ROWS = 16
 BLOCK = 32
@@ -246,14 +247,10 @@ extern "C" int ember_int8_rows(const uint8_t* packed, int64_t N, int64_t K, cons
 
 
 def _declare(library: ctypes.CDLL) -> None:
-    """ctypes signatures: raw addresses and ints, so a call costs no tensor conversions."""
-    i64, pointer, integer = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    library.ember_int8_matmul.argtypes = [pointer, i64, i64, pointer, i64, pointer, integer]
-    library.ember_int8_matmul.restype = None
-    library.ember_int8_dequantize_transposed.argtypes = [pointer, i64, i64, pointer, integer, integer]
-    library.ember_int8_dequantize_transposed.restype = None
+    declare_tile_kernels(library, "ember_int8")
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
     library.ember_int8_rows.argtypes = [pointer, i64, i64, pointer, i64, pointer]
-    library.ember_int8_rows.restype = integer
+    library.ember_int8_rows.restype = ctypes.c_int
 
 
 LIBRARY = NativeLibrary("ember_int8", SOURCE, _REQUIRED_CPU_FLAGS, _declare)
@@ -296,31 +293,16 @@ def pack_tiles(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def matmul(library: ctypes.CDLL, x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (M, K) float32 contiguous -> (M, out_features) float32."""
-    rows, columns = x.shape
-    y = torch.empty(rows, out_features, dtype=torch.float32)
-    # raw addresses and ints: ctypes conversions of tensors would cost microseconds per call
-    library.ember_int8_matmul(
-        x.data_ptr(), rows, columns, tiles.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads()
-    )
-    return y
+    return tile_matmul(library.ember_int8_matmul, x, tiles, out_features)
 
 
 def dequantize_transposed(
     library: ctypes.CDLL, tiles: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """The weight as (in_features, out_features) float32 or bfloat16: W transposed, ready for x @ W^T."""
-    if dtype not in (torch.float32, torch.bfloat16):
-        return dequantize_transposed(library, tiles, out_features, in_features, torch.float32).to(dtype)
-    out = torch.empty(in_features, out_features, dtype=dtype)
-    library.ember_int8_dequantize_transposed(
-        tiles.data_ptr(),
-        out_features,
-        in_features,
-        out.data_ptr(),
-        int(dtype == torch.bfloat16),
-        torch.get_num_threads(),
+    return tile_dequantize_transposed(
+        library.ember_int8_dequantize_transposed, tiles, out_features, in_features, dtype
     )
-    return out
 
 
 def gather_rows(
