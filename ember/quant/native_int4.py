@@ -29,20 +29,21 @@ import ctypes
 import torch
 
 from ember.native_build import NativeLibrary
-from ember.quant.native_tiles import declare_tile_kernels, tile_dequantize_transposed, tile_matmul
+from ember.quant.native_tiles import (
+    TILE_KERNEL_COMMON,
+    declare_tile_kernels,
+    tile_dequantize_transposed,
+    tile_matmul,
+)
 
 TILE_ROWS = 16
 BLOCK = 32
 TILE_BLOCK_BYTES = 320
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
 
-SOURCE = r"""
-#include <immintrin.h>
-#include <omp.h>
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+SOURCE = (
+    TILE_KERNEL_COMMON
+    + r"""
 
 namespace {
 
@@ -158,10 +159,7 @@ extern "C" void ember_int4_matmul(const float* x, int64_t M, int64_t K, const ui
 extern "C" void ember_int4_dequantize_transposed(const uint8_t* packed, int64_t N, int64_t K, void* out,
                                                  int out_bf16, int nthreads) {
     const int64_t blocks = K / kBlock, tiles = (N + kRows - 1) / kRows;
-    // word lanes are (row, e) interleaved; gather the e = 0 lanes first, then the e = 1 lanes
-    alignas(64) static const uint16_t order[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-                                                   1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    const __m512i deinterleave = _mm512_load_si512((const void*)order);
+    const __m512i deinterleave = _mm512_load_si512((const void*)kDeinterleaveOrder);
     // Blocks outermost, then bands of 8 tiles staged in a small buffer, so that out is written in
     // 256- or 512-byte runs per row: 16-value pieces N apart (N = 3072 or 49152) hit the same few L1
     // sets and TLB entries, 5-30x slower.
@@ -191,28 +189,13 @@ extern "C" void ember_int4_dequantize_transposed(const uint8_t* packed, int64_t 
                 }
             }
             const int64_t columns = std::min<int64_t>(band_tiles * kRows, N - band * kRows);
-            for (int k = 0; k < kBlock; k++) {
-                const int64_t offset = (b * kBlock + k) * N + band * kRows;
-                if (out_bf16) {
-                    uint16_t* dst = (uint16_t*)out + offset;
-                    int64_t c = 0;
-                    for (; c + 16 <= columns; c += 16) {
-                        __m256i values = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(&staged[k][c]));
-                        _mm256_storeu_si256((__m256i*)(dst + c), values);
-                    }
-                    if (c < columns) {  // the last, partial tile: masked stores are slow on AMD, so only here
-                        const __mmask16 mask = (__mmask16)((1u << (columns - c)) - 1u);
-                        __m256i values = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(&staged[k][c]));
-                        _mm256_mask_storeu_epi16(dst + c, mask, values);
-                    }
-                } else {
-                    std::memcpy((float*)out + offset, staged[k], columns * sizeof(float));
-                }
-            }
+            write_staged_block(&staged[0][0], kBand * kRows, kBlock, columns, out, b * kBlock, N,
+                               band * kRows, out_bf16);
         }
     }
 }
 """
+)
 
 
 def _declare(library: ctypes.CDLL) -> None:

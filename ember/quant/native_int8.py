@@ -31,7 +31,12 @@ import ctypes
 import torch
 
 from ember.native_build import NativeLibrary
-from ember.quant.native_tiles import declare_tile_kernels, tile_dequantize_transposed, tile_matmul
+from ember.quant.native_tiles import (
+    TILE_KERNEL_COMMON,
+    declare_tile_kernels,
+    tile_dequantize_transposed,
+    tile_matmul,
+)
 
 TILE_ROWS = 16
 BLOCK = 32
@@ -39,13 +44,9 @@ TILE_BLOCK_BYTES = 544
 _CODE_BYTES = 512
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 
-SOURCE = r"""
-#include <immintrin.h>
-#include <omp.h>
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+SOURCE = (
+    TILE_KERNEL_COMMON
+    + r"""
 
 namespace {
 
@@ -173,10 +174,7 @@ extern "C" void ember_int8_matmul(const float* x, int64_t M, int64_t K, const ui
 extern "C" void ember_int8_dequantize_transposed(const uint8_t* packed, int64_t N, int64_t K, void* out,
                                                  int out_bf16, int nthreads) {
     const int64_t blocks = K / kBlock, tiles = (N + kRows - 1) / kRows;
-    // word lanes are (row, e) interleaved; gather the e = 0 lanes first, then the e = 1 lanes
-    alignas(64) static const uint16_t order[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-                                                   1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    const __m512i deinterleave = _mm512_load_si512((const void*)order);
+    const __m512i deinterleave = _mm512_load_si512((const void*)kDeinterleaveOrder);
     // Blocks outermost, then bands of 8 tiles staged, so that out is written in 512-byte runs per row.
     constexpr int kBand = 8;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && blocks > 1)
@@ -200,24 +198,8 @@ extern "C" void ember_int8_dequantize_transposed(const uint8_t* packed, int64_t 
                 }
             }
             const int64_t columns = std::min<int64_t>(band_count * kRows, N - band * kRows);
-            for (int k = 0; k < kBlock; k++) {
-                const int64_t offset = (b * kBlock + k) * N + band * kRows;
-                if (out_bf16) {
-                    uint16_t* dst = (uint16_t*)out + offset;
-                    int64_t c = 0;
-                    for (; c + 16 <= columns; c += 16) {
-                        __m256i values = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(&staged[k][c]));
-                        _mm256_storeu_si256((__m256i*)(dst + c), values);
-                    }
-                    if (c < columns) {  // the last, partial tile: masked stores are slow on AMD, so only here
-                        const __mmask16 mask = (__mmask16)((1u << (columns - c)) - 1u);
-                        __m256i values = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(&staged[k][c]));
-                        _mm256_mask_storeu_epi16(dst + c, mask, values);
-                    }
-                } else {
-                    std::memcpy((float*)out + offset, staged[k], columns * sizeof(float));
-                }
-            }
+            write_staged_block(&staged[0][0], kBand * kRows, kBlock, columns, out, b * kBlock, N,
+                               band * kRows, out_bf16);
         }
     }
 }
@@ -244,6 +226,7 @@ extern "C" int ember_int8_rows(const uint8_t* packed, int64_t N, int64_t K, cons
     return 0;
 }
 """
+)
 
 
 def _declare(library: ctypes.CDLL) -> None:
