@@ -21,7 +21,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from ember.errors import ModelLoadError
-from ember.quant import native_int4, native_int8
+from ember.quant import native_float, native_int4, native_int8
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 from ember.quant.linear import (
     NATIVE_BATCH_ROWS,
@@ -453,3 +453,49 @@ def test_without_the_native_int8_kernel_q8_falls_back_to_float_weights(monkeypat
     assert torch.equal(rounded.rows(torch.tensor([7])), expected[[7]].bfloat16().float())
     assert rounded.nbytes == 2 * 256 * 576 * 2  # the plain copy rows() needed
     assert_close_to_reference(rounded(x), x, expected, 3 * 2.0**-8)
+
+
+NATIVE_FLOAT = native_float.load() is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, native_float.NATIVE_FLOAT_ROWS + 1, 40])
+@pytest.mark.parametrize("shape", [(4, 16), (37, 50), (130, 576), (7, 1)])
+def test_float_layer_matches_float64_at_every_row_count(rows, shape):
+    """Few rows take the native kernel (when it builds), more take oneDNN: odd sizes exercise the kernel's
+    partial chunk of inputs and its rows left over after groups of four."""
+    generator = torch.Generator().manual_seed(rows * 1000 + shape[0])
+    weight = torch.randn(*shape, generator=generator)
+    bias = torch.randn(shape[0], generator=generator)
+    layer = make_linear(weight, bias, "none", torch.float32)
+    assert isinstance(layer, FloatLinear) and torch.equal(layer.dequantized_weight(), weight)
+    x = torch.randn(rows, shape[1], generator=generator)
+    expected = x.double() @ weight.double().T + bias.double()
+    scale = x.double().abs() @ weight.double().abs().T + bias.double().abs()
+    error = (layer(x).double() - expected).abs()
+    assert bool((error <= 1e-5 * scale + 1e-6).all()), f"max error {error.max().item():.3e}"
+
+
+def test_native_float_kernel_gives_the_same_values_on_one_and_two_threads():
+    if not NATIVE_FLOAT:
+        pytest.skip(f"native float kernel unavailable: {native_float.LIBRARY.failure_reason}")
+    library = native_float.load()
+    weight, x = torch.randn(203, 96), torch.randn(3, 96)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_float.matmul(library, x, weight)
+        torch.set_num_threads(2)
+        two = native_float.matmul(library, x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each output is one thread's dot product, in the same order
+
+
+def test_without_the_native_float_kernel_float_layers_use_onednn(monkeypatch, tmp_path):
+    break_native_build(monkeypatch, tmp_path, native_float.LIBRARY)
+    assert native_float.load() is None
+    weight, x = torch.randn(64, 96), torch.randn(2, 96)
+    layer = make_linear(weight, None, "none", torch.float32)
+    assert layer.weight is None  # reordered once for oneDNN instead
+    assert torch.equal(layer.dequantized_weight(), weight)
+    assert_close_to_reference(layer(x), x, weight, 1e-5)

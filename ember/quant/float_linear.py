@@ -1,7 +1,10 @@
 """The layer protocol, the float layer, and helpers every layer shares (row handling, oneDNN products).
 
-Float32 products go through oneDNN with the weight reordered once: MKL's sgemm
-takes a slow path on AMD CPUs (half of oneDNN's speed here).
+Float32 products of many rows go through oneDNN: MKL's sgemm takes a slow path
+on AMD CPUs (half of oneDNN's speed here). Float32 products of few rows
+(decode) go to the native kernel in `native_float` where it builds; the weight
+then stays in its plain layout, which oneDNN also takes for many rows.
+Elsewhere (bfloat16, no kernel) the weight is reordered once for oneDNN.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from ember.quant import native_float
 
 
 class Linear(Protocol):
@@ -58,6 +63,14 @@ def _matmul_transposed(rows: torch.Tensor, weight_t: torch.Tensor) -> torch.Tens
     return rows @ weight_t
 
 
+def _plain_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (M, in) times a plain weight (out, in), transposed: oneDNN for float32 on CPU (it reorders the
+    weight per call, a small cost next to a many-row product), PyTorch elsewhere."""
+    if rows.dtype == torch.float32 and rows.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return F.linear(rows, weight, bias)
+
+
 class FloatLinear:
     """A plain float weight (out_features, in_features) in its own dtype, with an optional bias."""
 
@@ -65,7 +78,10 @@ class FloatLinear:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = None if bias is None else bias.to(weight.device, weight.dtype)
-        self._packed = _onednn_pack(weight)
+        self._native = None
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+            self._native = native_float.load()
+        self._packed = _onednn_pack(weight) if self._native is None else None
         self.weight = None if self._packed is not None else weight.contiguous()
 
     @property
@@ -75,10 +91,13 @@ class FloatLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features).to(self.dtype)  # (rows, in)
+        if self._native is not None and rows.shape[0] <= native_float.NATIVE_FLOAT_ROWS:
+            y = native_float.matmul(self._native, rows, self.weight)
+            return _finish(y, x, self.bias)
         if self._packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], "")
         else:
-            y = F.linear(rows, self.weight, self.bias)  # (rows, out)
+            y = _plain_linear(rows, self.weight, self.bias)  # (rows, out)
         return _finish(y, x, None)
 
     def dequantized_weight(self) -> torch.Tensor:
