@@ -89,12 +89,13 @@ class ModelHandle:
 
 def load(
     path: str | Path = "smollm2",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     quant: str | None = None,
     device: str | torch.device | None = None,
     cache_memory_mib: int = 1024,
     context_length: int | None = None,
     on_layer_built: Callable[[int, int], None] | None = None,
+    cuda_graphs: bool = True,
 ) -> ModelHandle:
     """Load a model folder, GGUF file or built-in name.
 
@@ -104,10 +105,14 @@ def load(
     model's context (and so its cache) below what it was trained for;
     `cache_memory_mib` bounds the KV cache of all sequences and idle chat
     sessions together. `on_layer_built(done, total)` reports loading progress.
+    `device` defaults to CUDA when present; `dtype` "auto" is float32 on CPU and
+    bfloat16 on CUDA, where `cuda_graphs` replays decode steps as CUDA graphs.
     """
     started = time.perf_counter()
-    torch_dtype = parse_dtype(dtype)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EmberError("device cuda was asked for, but PyTorch sees no CUDA device")
+    torch_dtype = parse_dtype(dtype, device)
     checkpoint = read_checkpoint(resolve_model_path(path))
     quant = quant or default_quant(checkpoint)
     if quant not in QUANT_MODES:
@@ -120,7 +125,14 @@ def load(
         if on_layer_built is not None:
             on_layer_built(done, total)
 
-    model = build_model(checkpoint, dtype=torch_dtype, quant=quant, device=device, on_layer_built=layer_built)
+    model = build_model(
+        checkpoint,
+        dtype=torch_dtype,
+        quant=quant,
+        device=device,
+        on_layer_built=layer_built,
+        decode_graphs=cuda_graphs,
+    )
     checkpoint.release_file_pages()
     checkpoint.tensors = {}  # the model holds what it needs; the file's mapping can close
     max_length = min(context_length or checkpoint.config.context_length, checkpoint.config.context_length)

@@ -77,11 +77,15 @@ def _has_gguf_magic(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """A dtype name; "auto" is float32 on CPU (where the fast kernels are float32 or low-bit) and bfloat16
+    on a GPU (half the memory traffic, tensor cores)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise EmberError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise EmberError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

@@ -104,6 +104,10 @@ def cold_start(args: argparse.Namespace) -> dict[str, float]:
     ]
     if args.quant:
         command += ["--quant", args.quant]
+    if args.device:
+        command += ["--device", args.device]
+    if not args.cuda_graphs:
+        command += ["--no-cuda-graphs"]
     if args.threads:
         command += ["--threads", str(args.threads)]
     command += [

@@ -17,7 +17,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help=f"HF folder, .gguf file or built-in name (default: {DEFAULT_MODEL})",
     )
-    group.add_argument("--dtype", choices=list(DTYPES), default="float32", help="activation/weight dtype")
+    group.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="activation/weight dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
+    group.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="where to run (default: cuda when present)"
+    )
+    group.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="on CUDA, run decode steps op by op instead of replaying captured graphs",
+    )
     group.add_argument(
         "--quant",
         choices=list(QUANT_MODES),
@@ -83,6 +97,8 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
         return ember.load(
             args.model,
             dtype=args.dtype,
+            device=args.device,
+            cuda_graphs=args.cuda_graphs,
             quant=args.quant,
             context_length=args.context_length,
             cache_memory_mib=args.cache_memory,

@@ -25,6 +25,7 @@ def build_model(
     quant: str,
     device: torch.device,
     on_layer_built: Callable[[int, int], None] | None = None,
+    decode_graphs: bool = True,
 ) -> Any:
     from ember.quant.linear import make_linear
 
@@ -50,4 +51,5 @@ def build_model(
         dtype=dtype,
         device=device,
         on_layer_built=on_layer_built,
+        decode_graphs=decode_graphs,
     )

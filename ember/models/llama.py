@@ -21,6 +21,7 @@ from ember.cache import KVCache
 from ember.config import ROPE_FREQ_FACTORS, ModelConfig
 from ember.errors import ModelLoadError
 from ember.models.batch import ForwardBatch
+from ember.models.decode_graphs import DecodeGraphs
 from ember.quant.embedding import TokenEmbedding
 
 Weight = Any  # torch.Tensor or ember.quant.ggml_blocks.BlockQuantizedTensor
@@ -48,6 +49,7 @@ class LlamaModel:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         on_layer_built: Callable[[int, int], None] | None = None,
+        decode_graphs: bool = True,
     ):
         self.config = config
         self.dtype = dtype
@@ -123,10 +125,19 @@ class LlamaModel:
         # The fused decode step (`_decode`) runs on CPU float32 where the native operators build.
         native_possible = self.device.type == "cpu" and dtype == torch.float32
         self._native_ops = native_ops.load() if native_possible else None
+        # On CUDA, single-token steps replay captured graphs (their positions live on the device, so
+        # dynamic RoPE, whose frequencies depend on the length, stays on the ordinary path).
+        self.decode_graphs = None
+        if decode_graphs and self.device.type == "cuda" and not self._dynamic_rope:
+            self.decode_graphs = DecodeGraphs(self)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Logits (batch, new_tokens or 1, vocab) in float32 for the batch's new tokens."""
+        if self.decode_graphs is not None and batch.num_new_tokens == 1:
+            logits = self.decode_graphs(batch, kv_cache)
+            if logits is not None:
+                return logits
         if (
             self._native_ops is not None
             and batch.num_new_tokens == 1
@@ -205,6 +216,48 @@ class LlamaModel:
             delta = layer.down_proj(native_ops.silu_mul(library, gate_up, activation))
         add_rms_norm(library, hidden, delta, self.final_norm, eps, normed)
         return self.lm_head(normed).view(batch_size, 1, -1)
+
+    def static_decode(
+        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """One new token per sequence with every shape fixed by the batch size and the cache: logits (batch,
+        vocab) in float32. The same math as `forward`, written so that CUDA can capture it as a graph.
+
+        hidden (batch, hidden_size) holds the embedded new tokens, positions (batch,) and slots (batch,)
+        are device tensors, so nothing here reads a value back to the host. Attention runs over each
+        slot's whole capacity with a mask instead of the first `num_keys` keys. Rows may repeat (the
+        padding of a graph's batch): they then write the same keys to the same place.
+        """
+        config = self.config
+        batch_size = hidden.shape[0]
+        rotations = ops.rope_rotations(self.inverse_frequencies, positions.view(batch_size, 1))
+        key_positions = torch.arange(kv_cache.capacity, device=hidden.device)  # (capacity,)
+        visible = key_positions <= positions.view(batch_size, 1)  # (batch, capacity)
+        if config.sliding_window is not None:
+            visible &= key_positions > positions.view(batch_size, 1) - config.sliding_window
+        mask = visible.view(batch_size, 1, 1, -1)  # (batch, 1, 1, capacity)
+        num_rotated = config.num_heads + config.num_kv_heads
+        hidden = hidden.view(batch_size, 1, config.hidden_size)
+        for layer, keys, values in zip(self.layers, kv_cache.keys, kv_cache.values):
+            normed = ops.rms_norm(hidden, layer.input_norm, config.rms_norm_eps)
+            qkv = layer.qkv_proj(normed).view(batch_size, 1, num_rotated + config.num_kv_heads, -1)
+            rotated = ops.apply_rope_pairs(qkv[:, :, :num_rotated], rotations)  # (batch, 1, heads + kv, dim)
+            query = rotated[:, :, : config.num_heads].transpose(1, 2)  # (batch, heads, 1, head_dim)
+            keys[slots, :, positions] = rotated[:, 0, config.num_heads :].to(keys.dtype)  # (batch, kv, dim)
+            values[slots, :, positions] = qkv[:, 0, num_rotated:].to(values.dtype)
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                query.to(keys.dtype),
+                keys[slots],  # (batch, kv_heads, capacity, head_dim)
+                values[slots],
+                attn_mask=mask,
+                enable_gqa=config.num_heads != config.num_kv_heads,
+            )  # (batch, heads, 1, head_dim)
+            hidden = hidden + layer.o_proj(attended.transpose(1, 2).reshape(batch_size, 1, self._q_size))
+            normed = ops.rms_norm(hidden, layer.post_attention_norm, config.rms_norm_eps)
+            gate, up = layer.gate_up_proj(normed).chunk(2, dim=-1)
+            hidden = hidden + layer.down_proj(ops.swiglu(gate, up))
+        hidden = ops.rms_norm(hidden, self.final_norm, config.rms_norm_eps)
+        return self.lm_head(hidden).float().view(batch_size, -1)
 
     def _rope_rotations(self, batch: ForwardBatch) -> torch.Tensor:
         inverse_frequencies = self.inverse_frequencies
