@@ -5,10 +5,11 @@ token. oneDNN's float32 inner product reached ~35 GB/s of that stream at one
 row on this project's 2-core Zen 5 machine; this kernel reaches ~40 (10-15 %
 more, measured interleaved with oneDNN over SmolLM2's 121 matrices at 1, 4 and
 8 rows) by reading four weight rows as four sequential streams, prefetching
-8 KiB ahead of each, and keeping every activation row's product in registers
-so each weight row is read once per call for up to 8 activation rows. Past 8
-rows the work turns compute-bound and oneDNN's blocked GEMM wins, so
-`FloatLinear` routes those rows there.
+8 KiB ahead of each, and taking the activation rows four at a time while a
+group of weight rows stays in L1, so the weight is read from memory once per
+call. Up to 16 rows it is at least as fast as oneDNN reading the same plain
+weight (which reorders it per call); past that the work turns compute-bound
+and oneDNN's blocked GEMM wins, so `FloatLinear` routes those rows there.
 
 The weight stays in its plain layout, so the same tensor also serves oneDNN
 (which reorders a plain weight per call at little cost for many rows) and
@@ -23,7 +24,7 @@ import torch
 
 from ember.native_build import NativeLibrary
 
-NATIVE_FLOAT_ROWS = 8  # at most this many rows per call go to the kernel
+NATIVE_FLOAT_ROWS = 16  # at most this many rows per call go to the kernel
 _REQUIRED_CPU_FLAGS = ("avx512f", "fma")
 
 SOURCE = r"""
