@@ -75,6 +75,9 @@ class KVCache:
         self.entries_by_slot: dict[int, CacheEntry] = {}
         self._clock = itertools.count(1)
         self.num_evictions = 0
+        self.layout_version = (
+            0  # bumped whenever the tensors are replaced (captured CUDA graphs hold addresses)
+        )
         self._allocate(num_slots=1, capacity=self.capacity)
 
     # ------------------------------------------------------------ protocol
@@ -234,3 +237,4 @@ class KVCache:
         self.keys, self.values = new_keys, new_values
         self.entries_by_slot = new_entries
         self.num_slots, self.capacity = num_slots, capacity
+        self.layout_version += 1

@@ -123,4 +123,5 @@ def test_engine_through_the_graph_step_gives_the_same_greedy_text_across_a_cache
     assert run(through_graphs) == expected
     assert through_graphs.model.decode_graphs.steps >= 39  # every decode step went through it
     assert through_graphs.engine.kv_cache.capacity >= 512  # it grew during the run
+    assert through_graphs.model.decode_graphs.rebuilds >= 1  # and the step's buffers were made anew
     assert len(expected) == 3 and all(len(tokens) == 40 for tokens in expected)

@@ -50,10 +50,11 @@ class DecodeGraphs:
         self.model = model
         self.capture = capture and model.device.type == "cuda"
         self._buffers: dict[int, _StepBuffers] = {}
-        self._cache_signature: tuple | None = None
+        self._cache_signature: tuple[int, int] | None = None  # (cache object, its layout version)
         self._pool = None
         self.captures = 0  # graphs recorded so far, for tests and reports
         self.steps = 0  # steps served
+        self.rebuilds = 0  # times the cache's tensors changed under recorded buffers
 
     def __call__(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor | None:
         """Logits (batch, 1, vocab) float32, or None for a batch this path does not take (the caller then
@@ -62,8 +63,9 @@ class DecodeGraphs:
         bucket = next((size for size in BUCKETS if size >= batch_size), None)
         if bucket is None or batch.num_new_tokens != 1 or not _fits(batch, kv_cache):
             return None
-        signature = (id(kv_cache), kv_cache.keys[0].data_ptr(), kv_cache.capacity, kv_cache.num_slots)
+        signature = (id(kv_cache), kv_cache.layout_version)
         if signature != self._cache_signature:  # graphs hold the old tensors' addresses
+            self.rebuilds += self._cache_signature is not None
             self._buffers.clear()
             self._cache_signature = signature
         buffers = self._buffers.get(bucket)
