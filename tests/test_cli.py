@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import STORY_MODEL
 
@@ -112,6 +113,19 @@ def test_debug_shows_the_traceback(tmp_path):
 )
 def test_bad_sampling_flags(args):
     assert_one_line_error(run_ember(*args[:1], "-m", str(STORY_MODEL), *args[1:]))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--threads", "0"], "--threads"),
+        (["--device", "cuda"], "cuda"),
+    ],
+)
+def test_bad_model_flags(args, fragment):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert_one_line_error(run_ember("generate", "-m", str(STORY_MODEL), *args, "hi"), fragment)
 
 
 def test_truncated_gguf(tmp_path, smollm2_gguf):

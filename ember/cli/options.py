@@ -90,7 +90,11 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
     import ember
     from ember.cli.progress import load_progress
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            from ember.errors import EmberError
+
+            raise EmberError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     update, close = load_progress()
     try:
