@@ -365,3 +365,12 @@ def test_missing_layer_tensor(tmp_path):
     del tensors["blk.1.ffn_down.weight"]
     with pytest.raises(ModelLoadError, match=r"lacks tensor model\.layers\.1\.mlp\.down_proj\.weight"):
         read_gguf(write_tiny_gguf(tmp_path / "partial.gguf", "llama", tensors))
+
+
+def test_fast_reader_metadata_equals_the_stock_readers(smollm2_metadata):
+    """Strings kept as bytes give the same values as gguf's own reader."""
+    from ember.formats.gguf_metadata import read_metadata
+
+    stock = read_metadata(gguf.GGUFReader(smollm2_path()))
+    assert smollm2_metadata == stock
+    assert len(stock["tokenizer.ggml.tokens"]) == 49152 and len(stock["tokenizer.ggml.token_type"]) == 49152
