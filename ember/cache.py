@@ -75,9 +75,8 @@ class KVCache:
         self.entries_by_slot: dict[int, CacheEntry] = {}
         self._clock = itertools.count(1)
         self.num_evictions = 0
-        self.layout_version = (
-            0  # bumped whenever the tensors are replaced (captured CUDA graphs hold addresses)
-        )
+        # bumped whenever the tensors are replaced: captured CUDA graphs hold their addresses
+        self.layout_version = 0
         self._allocate(num_slots=1, capacity=self.capacity)
 
     # ------------------------------------------------------------ protocol

@@ -2,7 +2,7 @@
 
 A float32 decode step is a stream of weight reads: SmolLM2 reads 540 MB per
 token. oneDNN's float32 inner product reached ~35 GB/s of that stream at one
-row on this project's 2-core Zen 5 machine; this kernel reaches ~40 (10-15 %
+row on this project's 2-core Zen 5 machine; this kernel reaches ~40 (8-15 %
 more, measured interleaved with oneDNN over SmolLM2's 121 matrices at 1, 4 and
 8 rows) by reading four weight rows as four sequential streams, prefetching
 8 KiB ahead of each, and taking the activation rows four at a time while a
