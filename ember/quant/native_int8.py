@@ -248,23 +248,24 @@ _PACK_TILES_PER_STEP = 256
 
 
 def pack_tiles(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Codes (N, K) int8, scales (N, K/32) -> tiles (ceil(N/16), K/32, 544) uint8.
+    """Codes (N, K) int8, or (N, K/32, 32) with any strides, scales (N, K/32) -> tiles (ceil(N/16), K/32,
+    544) uint8.
 
     Scales are stored as float16 (exact for GGUF Q8_0). Rows are padded to a
     multiple of 16 with zero codes and zero scales.
     """
-    rows, columns = codes.shape
-    blocks = columns // BLOCK
+    rows = codes.shape[0]
+    blocks = codes[0].numel() // BLOCK
     tiles = -(-rows // TILE_ROWS)
     padding = tiles * TILE_ROWS - rows
-    codes = codes.view(torch.uint8)
+    codes = codes.view(torch.uint8).reshape(rows, blocks, BLOCK)  # a view where codes allow one
     scales = scales.to(torch.float16)
     if padding:
-        codes = torch.cat((codes, codes.new_zeros(padding, columns)))
+        codes = torch.cat((codes, codes.new_zeros(padding, blocks, BLOCK)))
         scales = torch.cat((scales, scales.new_zeros(padding, blocks)))
     out = torch.empty(tiles, blocks, TILE_BLOCK_BYTES, dtype=torch.uint8)
     # input k = 32 b + 2 c + e; byte (c, r, e) of a tile's block
-    grid = codes.view(tiles, TILE_ROWS, blocks, 16, 2)  # (tile, r, b, c, e)
+    grid = codes.unflatten(0, (tiles, TILE_ROWS)).unflatten(-1, (16, 2))  # (tile, r, b, c, e)
     per_tile = scales.view(torch.uint8).view(tiles, TILE_ROWS, blocks, 2)  # (tile, r, b, 2 bytes)
     # In slices of tiles, so the permuted copy never costs a second whole matrix of memory.
     for start in range(0, tiles, _PACK_TILES_PER_STEP):

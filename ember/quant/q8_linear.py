@@ -45,7 +45,8 @@ class Q8Linear:
         dtype: torch.dtype = torch.bfloat16,
         backend: str | None = None,
     ):
-        self.out_features, self.in_features = codes.shape
+        # codes (out, in), or (out, groups, 32) as `_q8_0_fields` gives them
+        self.out_features, self.in_features = codes.shape[0], codes[0].numel()
         if self.in_features % Q8_BLOCK != 0:
             raise ModelLoadError(f"in_features {self.in_features} is not a multiple of the group size 32")
         self.dtype = dtype  # of the dequantized weight used for many rows (and by the float form)
@@ -60,7 +61,7 @@ class Q8Linear:
         if self.backend == "native":
             self.tiles = native_int8.pack_tiles(codes, scales)  # (tiles, blocks, 544) uint8
         else:
-            groups = codes.view(self.out_features, -1, Q8_BLOCK).float()  # (out, groups, 32)
+            groups = codes.reshape(self.out_features, -1, Q8_BLOCK).float()  # (out, groups, 32)
             weight = groups * scales.to(torch.float16).float()[..., None]  # exact in float32
             self._float = FloatLinear(weight.view(self.out_features, self.in_features).to(dtype))
 
@@ -167,10 +168,12 @@ class Q8Linear:
 
 
 def _q8_0_fields(tensor: BlockQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks (fp16 d, 32 int8 q) -> codes (out, in) int8 and scales (out, groups) float16, exactly."""
+    """Q8_0 blocks (fp16 d, 32 int8 q) -> codes (out, groups, 32) int8 and scales (out, groups) float16,
+    exactly. The codes are a view of the blocks, not a copy: SmolLM2's 28 MB output layer is packed
+    into tiles straight from the file's pages, a copy less at the moment a load peaks in memory."""
     out_features, in_features = tensor.shape
     groups = in_features // Q8_BLOCK
     blocks = torch.from_numpy(np.ascontiguousarray(tensor.data)).view(out_features, groups, 2 + Q8_BLOCK)
     scales = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # (out, groups)
-    codes = blocks[..., 2:].contiguous().view(torch.int8).view(out_features, in_features)
+    codes = blocks[..., 2:].view(torch.int8)  # (out, groups, 32), strided over the blocks
     return codes, scales
