@@ -24,6 +24,7 @@ import ctypes
 
 import torch
 
+from ember import native_decode
 from ember.native_build import NativeLibrary
 
 SOURCE = r"""
@@ -343,9 +344,10 @@ def _declare(library: ctypes.CDLL) -> None:
     library.ember_silu_mul.restype = None
     library.ember_decode_attention.argtypes = [pointer] * 4
     library.ember_decode_attention.restype = None
+    native_decode.declare(library)
 
 
-LIBRARY = NativeLibrary("ember_ops", SOURCE, (), _declare)
+LIBRARY = NativeLibrary("ember_ops", SOURCE + native_decode.LAYERS_SOURCE, (), _declare)
 
 
 def load() -> ctypes.CDLL | None:
@@ -428,7 +430,7 @@ class DecodeAttention:
             ],
             dtype=torch.int64,
         )  # the C struct DecodeArguments
-        self._address = self._arguments.data_ptr()
+        self.address = self._arguments.data_ptr()  # of the C struct, for `native_decode`
         self._function = library.ember_decode_attention
 
     def __call__(self, qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
@@ -436,5 +438,5 @@ class DecodeAttention:
 
         q and k are in the pairwise rotary layout (`ops.interleave_rope_rows`).
         """
-        self._function(self._address, qkv.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr())
+        self._function(self.address, qkv.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr())
         return self.out

@@ -145,3 +145,35 @@ def test_without_the_native_operators_decode_falls_back_to_pytorch(monkeypatch, 
         pytest.skip(f"native operators unavailable: {native_ops.LIBRARY.failure_reason}")
     assert native.model._native_ops is not None
     assert (_decode_logits(native, token_ids) - reference).abs().max().item() < 1e-4
+
+
+@needs_library
+def test_all_layers_in_one_native_call_equal_the_per_layer_loop(tiny_folder):
+    """`native_decode`: the same kernels in the same order as the Python loop over layers, so the same
+    logits, bit for bit; and within float32 rounding of the PyTorch path."""
+    token_ids = list(range(40, 70))
+    handle = ember.load(tiny_folder)
+    table = handle.model.native_layers
+    assert table is not None  # float32 projections all have the native kernel
+    one_call = _decode_logits(handle, token_ids)
+    handle.model.native_layers = None
+    per_layer = _decode_logits(handle, token_ids)
+    assert torch.equal(one_call, per_layer)
+    handle.model._native_ops = None  # the PyTorch operators
+    assert (_decode_logits(handle, token_ids) - one_call).abs().max().item() < 1e-4
+
+
+@needs_library
+def test_smollm2_low_bit_layers_run_in_one_native_call():
+    handle = ember.load("smollm2")
+    table = handle.model.native_layers
+    assert table is not None and table.max_rows >= 8  # int4 layers; the Q8 output layer is called apart
+    token_ids = handle.encode("The capital of France is Paris. The capital of Italy is Rome.")
+    one_call = _decode_logits(handle, token_ids)
+    handle.model.native_layers = None
+    assert torch.equal(one_call, _decode_logits(handle, token_ids))
+
+
+def test_a_projection_without_a_native_kernel_keeps_the_per_layer_loop(tmp_path):
+    qwen2 = ember.load(make_tiny_hf_model(tmp_path, "qwen2", 2))  # q/k/v biases
+    assert qwen2.model.native_layers is None

@@ -20,6 +20,7 @@ that is how the CPU tests check this path against the model's `forward`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,8 @@ class DecodeGraphs:
         self.model = model
         self.capture = capture and model.device.type == "cuda"
         self._buffers: dict[int, _StepBuffers] = {}
-        self._cache_signature: tuple[int, int] | None = None  # (cache object, its layout version)
+        # the cache (weakly: a new cache at a recycled id never matches) and its layout version
+        self._cache_signature: tuple[weakref.ref, int] | None = None
         self._pool = None
         self.captures = 0  # graphs recorded so far, for tests and reports
         self.steps = 0  # steps served
@@ -63,11 +65,11 @@ class DecodeGraphs:
         bucket = next((size for size in BUCKETS if size >= batch_size), None)
         if bucket is None or batch.num_new_tokens != 1 or not _fits(batch, kv_cache):
             return None
-        signature = (id(kv_cache), kv_cache.layout_version)
-        if signature != self._cache_signature:  # graphs hold the old tensors' addresses
-            self.rebuilds += self._cache_signature is not None
+        known = self._cache_signature
+        if known is None or known[0]() is not kv_cache or known[1] != kv_cache.layout_version:
+            self.rebuilds += known is not None  # graphs hold the old tensors' addresses
             self._buffers.clear()
-            self._cache_signature = signature
+            self._cache_signature = (weakref.ref(kv_cache), kv_cache.layout_version)
         buffers = self._buffers.get(bucket)
         if buffers is None:
             buffers = self._buffers[bucket] = self._new_buffers(bucket)

@@ -22,6 +22,7 @@ from ember.config import ROPE_FREQ_FACTORS, ModelConfig
 from ember.errors import ModelLoadError
 from ember.models.batch import ForwardBatch
 from ember.models.decode_graphs import DecodeGraphs
+from ember.native_decode import NativeDecodeLayers
 from ember.quant.embedding import TokenEmbedding
 
 Weight = Any  # torch.Tensor or ember.quant.ggml_blocks.BlockQuantizedTensor
@@ -125,6 +126,10 @@ class LlamaModel:
         # The fused decode step (`_decode`) runs on CPU float32 where the native operators build.
         native_possible = self.device.type == "cpu" and dtype == torch.float32
         self._native_ops = native_ops.load() if native_possible else None
+        # ... and, where every projection has a native kernel, runs all layers in one native call
+        self.native_layers = None
+        if self._native_ops is not None:
+            self.native_layers = NativeDecodeLayers.build(self._native_ops, self.layers)
         # On CUDA, single-token steps replay captured graphs (their positions live on the device, so
         # dynamic RoPE, whose frequencies depend on the length, stays on the ordinary path).
         self.decode_graphs = None
@@ -203,6 +208,11 @@ class LlamaModel:
             kv_cache.keys[0].shape,
             config.sliding_window,
         )
+        if self.native_layers is not None and batch_size <= self.native_layers.max_rows:
+            normed = self.native_layers(
+                hidden, attend, kv_cache, self.final_norm, config.intermediate_size, eps
+            )  # (batch, hidden): the final norm of the residual stream
+            return self.lm_head(normed).view(batch_size, 1, -1)
         # Buffers reused by every layer: each is consumed before the next layer overwrites it.
         normed = torch.empty_like(hidden)  # (batch, hidden)
         activation = torch.empty(batch_size, config.intermediate_size)  # (batch, intermediate)

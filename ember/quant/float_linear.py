@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ember.native_decode import function_address
 from ember.quant import native_float
 
 
@@ -99,6 +100,12 @@ class FloatLinear:
         else:
             y = _plain_linear(rows, self.weight, self.bias)  # (rows, out)
         return _finish(y, x, None)
+
+    def native_kernel(self) -> tuple[int, torch.Tensor, int] | None:
+        """(kernel address, weight, most rows) for `ember.native_decode`, where this layer has one."""
+        if self._native is None or self.bias is not None:
+            return None
+        return function_address(self._native.ember_float_matmul), self.weight, native_float.NATIVE_FLOAT_ROWS
 
     def dequantized_weight(self) -> torch.Tensor:
         weight = self._packed.to_dense() if self._packed is not None else self.weight

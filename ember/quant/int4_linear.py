@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.errors import ModelLoadError
+from ember.native_decode import function_address
 from ember.quant import native_int4
 from ember.quant.float_linear import _finish, _matmul_transposed, _rows
 from ember.quant.ggml_blocks import BlockQuantizedTensor
@@ -144,6 +145,12 @@ class Int4Linear:
         else:
             y = F.linear(rows.to(self.dtype), self._plain_weight(self.dtype))
         return _finish(y, x, self.bias)
+
+    def native_kernel(self) -> tuple[int, torch.Tensor, int] | None:
+        """(kernel address, tiles, most rows) for `ember.native_decode`, where this layer has one."""
+        if self.backend != "native" or self.bias is not None:
+            return None
+        return function_address(self._library.ember_int4_matmul), self.tiles, NATIVE_BATCH_ROWS
 
     def _plain_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) from the nibble copy, in `dtype`."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.errors import ModelLoadError
+from ember.native_decode import function_address
 from ember.quant import native_int8
 from ember.quant.float_linear import FloatLinear, _finish, _matmul_transposed, _rows
 from ember.quant.ggml_blocks import BlockQuantizedTensor
@@ -135,6 +136,12 @@ class Q8Linear:
             )  # (in, out)
             y = _matmul_transposed(rows.to(self.dtype), weight_t)
         return _finish(y, x, self.bias)
+
+    def native_kernel(self) -> tuple[int, torch.Tensor, int] | None:
+        """(kernel address, tiles, most rows) for `ember.native_decode`, where this layer has one."""
+        if self.backend != "native" or self.bias is not None:
+            return None
+        return function_address(self._library.ember_int8_matmul), self.tiles, NATIVE_INT8_BATCH_ROWS
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows `token_ids` (any shape, integers) of the weight -> (*token_ids.shape, in_features) float32.
