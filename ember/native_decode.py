@@ -102,11 +102,17 @@ class NativeDecodeLayers:
     """The layers' norms, kernels and weights as one table; `__call__` runs them for one decode step."""
 
     def __init__(
-        self, library: ctypes.CDLL, table: torch.Tensor, qkv_size: int, max_rows: int, keep_alive: list[Any]
+        self,
+        library: ctypes.CDLL,
+        table: torch.Tensor,
+        sizes: tuple[int, int, int, int],
+        max_rows: int,
+        keep_alive: list[Any],
     ):
         self._function = library.ember_decode_layers
         self._table = table  # (layers, 18) int64: the C struct DecodeLayer per layer
-        self._qkv_size = qkv_size  # (heads + 2 * kv_heads) * head_dim
+        # hidden, (heads + 2 * kv_heads) * head_dim, heads * head_dim, intermediate: every layer's, checked
+        self.hidden_size, self._qkv_size, self._q_size, self._intermediate_size = sizes
         self.max_rows = max_rows  # the most sequences every kernel serves
         self._keep_alive = keep_alive  # the tensors whose addresses the table holds
         # (the cache, weakly, so a new cache at a recycled id never matches; its layout version; addresses)
@@ -114,9 +120,28 @@ class NativeDecodeLayers:
 
     @classmethod
     def build(cls, library: ctypes.CDLL, layers: list[Any]) -> NativeDecodeLayers | None:
-        """The table for `layers` (LlamaLayer), or None when a projection has no native kernel."""
+        """The table for `layers` (LlamaLayer), or None when a projection has no native kernel or the
+        layers' sizes do not chain (the C loop sizes its buffers from the first layer)."""
+        if not layers:
+            return None
+        first = layers[0]
+        hidden, qkv_size = first.qkv_proj.in_features, first.qkv_proj.out_features
+        q_size, intermediate = first.o_proj.in_features, first.down_proj.in_features
         rows, max_rows, keep_alive = [], None, []
         for layer in layers:
+            shapes = [
+                (projection.in_features, projection.out_features)
+                for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+            ]
+            norms = (layer.input_norm.numel(), layer.post_attention_norm.numel())
+            chained = [
+                (hidden, qkv_size),
+                (q_size, hidden),
+                (hidden, 2 * intermediate),
+                (intermediate, hidden),
+            ]
+            if shapes != chained or norms != (hidden, hidden):
+                return None
             row = [layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr()]
             keep_alive += [layer.input_norm, layer.post_attention_norm]
             for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
@@ -128,10 +153,8 @@ class NativeDecodeLayers:
                 keep_alive.append(weight)
                 max_rows = kernel_rows if max_rows is None else min(max_rows, kernel_rows)
             rows.append(row)
-        if not rows:
-            return None
-        qkv_size = layers[0].qkv_proj.out_features
-        return cls(library, torch.tensor(rows, dtype=torch.int64), qkv_size, max_rows, keep_alive)
+        sizes = (hidden, qkv_size, q_size, intermediate)
+        return cls(library, torch.tensor(rows, dtype=torch.int64), sizes, max_rows, keep_alive)
 
     def __call__(
         self,
@@ -139,7 +162,6 @@ class NativeDecodeLayers:
         attention: Any,
         kv_cache: Any,
         final_norm: torch.Tensor,
-        intermediate_size: int,
         eps: float,
     ) -> torch.Tensor:
         """hidden (batch, hidden_size) float32, updated in place -> the final RMS norm of the result.
@@ -147,6 +169,21 @@ class NativeDecodeLayers:
         `attention` is the step's `native_ops.DecodeAttention` (rotations, slots, positions, output).
         """
         batch_size, hidden_size = hidden.shape
+        attention_width = attention.out.shape[1]
+        if (hidden_size, attention_width, final_norm.numel()) != (
+            self.hidden_size,
+            self._q_size,
+            hidden_size,
+        ):
+            raise ValueError(  # a caller's bug, never user input: the C loop must not overrun a buffer
+                f"decode step of width {hidden_size} (attention {attention_width}) "
+                f"for layers of width {self.hidden_size} (attention {self._q_size})"
+            )
+        if batch_size > self.max_rows:
+            raise ValueError(f"{batch_size} sequences exceed the kernels' {self.max_rows} rows")
+        if len(kv_cache.keys) != self._table.shape[0]:
+            raise ValueError(f"a cache of {len(kv_cache.keys)} layers for {self._table.shape[0]} layers")
+        intermediate_size = self._intermediate_size
         normed = torch.empty_like(hidden)
         buffers = [
             hidden,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -129,3 +130,19 @@ def test_unknown_dtype_and_quant_are_errors():
         ember.load(STORY_MODEL, dtype="float8")
     with pytest.raises(ember.EmberError, match="quant"):
         ember.load(STORY_MODEL, quant="int3")
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [("model.layers.1.self_attn.k_proj.weight", 24), ("model.layers.0.mlp.down_proj.weight", 100)],
+)
+def test_a_weight_of_the_wrong_shape_is_a_load_error_naming_it(tmp_path, name, rows):
+    """Weights that disagree with config.json fail at load, not mid-generation (nor in a native kernel)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_hf_model(tmp_path, "llama", 2)
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = tensors[name][:rows].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=re.escape(f"{name} has shape ({rows}, ")):
+        ember.load(folder)

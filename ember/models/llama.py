@@ -60,6 +60,7 @@ class LlamaModel:
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise ModelLoadError(f"the checkpoint lacks tensor(s) {shown}")
+        check_tensor_shapes(config, tensors)
 
         def norm_weight(name: str) -> torch.Tensor:
             return _as_float(tensors[name]).to(self.device, torch.float32)
@@ -210,7 +211,7 @@ class LlamaModel:
         )
         if self.native_layers is not None and batch_size <= self.native_layers.max_rows:
             normed = self.native_layers(
-                hidden, attend, kv_cache, self.final_norm, config.intermediate_size, eps
+                hidden, attend, kv_cache, self.final_norm, eps
             )  # (batch, hidden): the final norm of the residual stream
             return self.lm_head(normed).view(batch_size, 1, -1)
         # Buffers reused by every layer: each is consumed before the next layer overwrites it.
@@ -327,6 +328,41 @@ def expected_tensor_names(config: ModelConfig) -> list[str]:
         names += [prefix + f"self_attn.{name}_proj.weight" for name in "qkvo"]
         names += [prefix + f"mlp.{name}_proj.weight" for name in ("gate", "up", "down")]
     return names
+
+
+def check_tensor_shapes(config: ModelConfig, tensors: dict[str, Weight]) -> None:
+    """Every weight's shape against the config: a wrong one is a load error naming the tensor, never a
+    shape error mid-generation (or, in the native decode step, a read past a buffer)."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    expected: dict[str, tuple[int | None, ...]] = {
+        "model.embed_tokens.weight": (None, hidden),  # rows: the vocabulary, which files pad differently
+        "model.norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        expected["lm_head.weight"] = (None, hidden)
+    for index in range(config.num_layers):
+        prefix = f"model.layers.{index}."
+        expected |= {
+            prefix + "input_layernorm.weight": (hidden,),
+            prefix + "post_attention_layernorm.weight": (hidden,),
+            prefix + "self_attn.q_proj.weight": (q_size, hidden),
+            prefix + "self_attn.k_proj.weight": (kv_size, hidden),
+            prefix + "self_attn.v_proj.weight": (kv_size, hidden),
+            prefix + "self_attn.o_proj.weight": (hidden, q_size),
+            prefix + "mlp.gate_proj.weight": (intermediate, hidden),
+            prefix + "mlp.up_proj.weight": (intermediate, hidden),
+            prefix + "mlp.down_proj.weight": (hidden, intermediate),
+        }
+        for name, size in (("q", q_size), ("k", kv_size), ("v", kv_size)):
+            expected[prefix + f"self_attn.{name}_proj.bias"] = (size,)
+    for name, shape in expected.items():
+        if name not in tensors:
+            continue  # biases are optional; required tensors were checked already
+        actual = tuple(tensors[name].shape)
+        if len(actual) != len(shape) or any(want not in (None, got) for want, got in zip(shape, actual)):
+            wanted = "(" + ", ".join("any" if size is None else str(size) for size in shape) + ")"
+            raise ModelLoadError(f"tensor {name} has shape {actual}; the config implies {wanted}")
 
 
 def _native_decode_fits(batch: ForwardBatch, kv_cache: KVCache) -> bool:
