@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from ember.cli.bench import ratios
+from ember.cli.bench import ratios, target_verdicts
 from tests.conftest import STORY_MODEL
 
 
@@ -51,3 +51,22 @@ def test_ratios_divide_ember_by_the_peers():
     }
     results["peers"] = {"llama.cpp": {"skipped": "not built"}, "transformers": {}}
     assert all(value is None for value in ratios(results).values())
+
+
+def test_targets_are_judged_for_the_execution_they_are_set_for():
+    quantized = {
+        "quant": "int4",
+        "dtype": "float32",
+        "ratios": {
+            "decode_b1_vs_llamacpp_tg128": 1.2,
+            "peak_rss_vs_llamacpp": 1.3,
+            "decode_b1_vs_transformers": 9.0,
+        },
+    }
+    assert target_verdicts(quantized) == {
+        "decode_b1_vs_llamacpp_tg128": {"target": "at least 1.25x", "met": False},
+        "peak_rss_vs_llamacpp": {"target": "at most 2.5x", "met": True},
+    }  # the float32 decode target is not this run's
+    float32 = {**quantized, "quant": "none"}
+    assert target_verdicts(float32) == {"decode_b1_vs_transformers": {"target": "at least 3.0x", "met": True}}
+    assert target_verdicts({**float32, "ratios": {"decode_b1_vs_transformers": None}}) == {}

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         del handle  # free memory before the peers run
         results["peers"] = run_peers(args, log)
         results["ratios"] = ratios(results)
+        results["targets"] = target_verdicts(results)
     if args.json:
         print(json.dumps(results))
     else:
@@ -180,6 +181,31 @@ def _llamacpp_peak_rss(model_path: Path, threads: str) -> float | None:
     return round(int(match.group(1)) / 1024) if match else None
 
 
+# The performance goals, as (ratio name, bound, "at least" or "at most", the execution they are set for):
+# SmolLM2's default quantized execution against llama.cpp and transformers, float32 against transformers.
+TARGETS = (
+    ("decode_b1_vs_llamacpp_tg128", 1.25, "at least", "quantized"),
+    ("prefill_vs_llamacpp_pp512", 2.5, "at least", "quantized"),
+    ("prefill_vs_transformers", 1.1, "at least", "quantized"),
+    ("decode_b8_vs_llamacpp_batched8", 2.0, "at least", "quantized"),
+    ("peak_rss_vs_llamacpp", 2.5, "at most", "quantized"),
+    ("decode_b1_vs_transformers", 3.0, "at least", "float32"),
+)
+
+
+def target_verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each target that applies to this run's execution: its bound and whether the ratio meets it."""
+    execution = "float32" if results["quant"] == "none" and results["dtype"] == "float32" else "quantized"
+    verdicts = {}
+    for name, bound, direction, applies_to in TARGETS:
+        value = results.get("ratios", {}).get(name)
+        if applies_to != execution or value is None:
+            continue
+        met = value >= bound if direction == "at least" else value <= bound
+        verdicts[name] = {"target": f"{direction} {bound}x", "met": met}
+    return verdicts
+
+
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     """ember / peer for each figure the targets name (higher is better, except memory)."""
     llama = results["peers"].get("llama.cpp", {})
@@ -221,8 +247,13 @@ def print_table(results: dict[str, Any]) -> None:
     ]
     for name, figures in results.get("peers", {}).items():
         rows.append((f"peer: {name}", json.dumps(figures)))
+    verdicts = results.get("targets", {})
     for name, value in results.get("ratios", {}).items():
-        rows.append((f"ratio {name}", "n/a" if value is None else f"{value:.2f}x"))
+        shown = "n/a" if value is None else f"{value:.2f}x"
+        if name in verdicts:
+            verdict = verdicts[name]
+            shown += f"  (target {verdict['target']}: {'met' if verdict['met'] else 'NOT met'})"
+        rows.append((f"ratio {name}", shown))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
