@@ -41,6 +41,11 @@ class CacheEntry:
         return self.slot is not None
 
 
+# Layout versions are unique across every cache in the process, so one number says which tensors a
+# consumer holding their addresses (a captured CUDA graph, the native decode table) was built for.
+_layout_versions = itertools.count(1)
+
+
 class CacheFullError(EmberError):
     """Every slot is held by a running request and the budget allows no more."""
 
@@ -75,8 +80,7 @@ class KVCache:
         self.entries_by_slot: dict[int, CacheEntry] = {}
         self._clock = itertools.count(1)
         self.num_evictions = 0
-        # bumped whenever the tensors are replaced: captured CUDA graphs hold their addresses
-        self.layout_version = 0
+        self.layout_version = 0  # a new process-wide number whenever the tensors are replaced
         self._allocate(num_slots=1, capacity=self.capacity)
 
     # ------------------------------------------------------------ protocol
@@ -134,6 +138,16 @@ class KVCache:
         slots_in_budget = max(1, self.memory_budget_bytes // (capacity * self.bytes_per_token))
         self._evict_down_to(slots_in_budget)
         self._allocate(num_slots=max(1, min(self.num_slots, slots_in_budget)), capacity=capacity)
+
+    def fits(self, slots: list[int], key_lengths: list[int]) -> bool:
+        """Whether sequences of `key_lengths` keys lie inside the pool at `slots`, one sequence per slot:
+        what a step that indexes the tensors directly (native code, device-side indices) must know."""
+        return (
+            max(key_lengths) <= self.capacity
+            and min(slots) >= 0
+            and max(slots) < self.num_slots
+            and len(set(slots)) == len(slots)
+        )
 
     # ------------------------------------------------------------ attention storage
 
@@ -236,4 +250,4 @@ class KVCache:
         self.keys, self.values = new_keys, new_values
         self.entries_by_slot = new_entries
         self.num_slots, self.capacity = num_slots, capacity
-        self.layout_version += 1
+        self.layout_version = next(_layout_versions)

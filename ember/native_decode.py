@@ -19,7 +19,6 @@ without a native kernel) keeps the per-layer loop.
 from __future__ import annotations
 
 import ctypes
-import weakref
 from typing import Any
 
 import torch
@@ -106,6 +105,8 @@ class NativeDecodeLayers:
         library: ctypes.CDLL,
         table: torch.Tensor,
         sizes: tuple[int, int, int, int],
+        final_norm: torch.Tensor,
+        eps: float,
         max_rows: int,
         keep_alive: list[Any],
     ):
@@ -113,38 +114,36 @@ class NativeDecodeLayers:
         self._table = table  # (layers, 18) int64: the C struct DecodeLayer per layer
         # hidden, (heads + 2 * kv_heads) * head_dim, heads * head_dim, intermediate: every layer's, checked
         self.hidden_size, self._qkv_size, self._q_size, self._intermediate_size = sizes
+        self._final_norm, self._eps = final_norm, eps
         self.max_rows = max_rows  # the most sequences every kernel serves
         self._keep_alive = keep_alive  # the tensors whose addresses the table holds
-        # (the cache, weakly, so a new cache at a recycled id never matches; its layout version; addresses)
-        self._cache_addresses: tuple[weakref.ref, int, torch.Tensor] | None = None
+        self._layout_version: int | None = None  # of the cache `_cache_addresses` was read from
+        self._cache_addresses: torch.Tensor | None = None  # (layers, 2) int64
 
     @classmethod
-    def build(cls, library: ctypes.CDLL, layers: list[Any]) -> NativeDecodeLayers | None:
+    def build(
+        cls, library: ctypes.CDLL, layers: list[Any], final_norm: torch.Tensor, eps: float
+    ) -> NativeDecodeLayers | None:
         """The table for `layers` (LlamaLayer), or None when a projection has no native kernel or the
-        layers' sizes do not chain (the C loop sizes its buffers from the first layer)."""
+        sizes do not chain (the C loop sizes its buffers from the first layer)."""
         if not layers:
             return None
         first = layers[0]
         hidden, qkv_size = first.qkv_proj.in_features, first.qkv_proj.out_features
         q_size, intermediate = first.o_proj.in_features, first.down_proj.in_features
-        rows, max_rows, keep_alive = [], None, []
+        chained = [(hidden, qkv_size), (q_size, hidden), (hidden, 2 * intermediate), (intermediate, hidden)]
+        if final_norm.numel() != hidden:
+            return None
+        rows, max_rows, keep_alive = [], None, [final_norm]
         for layer in layers:
-            shapes = [
-                (projection.in_features, projection.out_features)
-                for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
-            ]
+            projections = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+            shapes = [(projection.in_features, projection.out_features) for projection in projections]
             norms = (layer.input_norm.numel(), layer.post_attention_norm.numel())
-            chained = [
-                (hidden, qkv_size),
-                (q_size, hidden),
-                (hidden, 2 * intermediate),
-                (intermediate, hidden),
-            ]
             if shapes != chained or norms != (hidden, hidden):
                 return None
             row = [layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr()]
             keep_alive += [layer.input_norm, layer.post_attention_norm]
-            for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            for projection in projections:
                 native = getattr(projection, "native_kernel", lambda: None)()
                 if native is None:
                     return None
@@ -154,44 +153,31 @@ class NativeDecodeLayers:
                 max_rows = kernel_rows if max_rows is None else min(max_rows, kernel_rows)
             rows.append(row)
         sizes = (hidden, qkv_size, q_size, intermediate)
-        return cls(library, torch.tensor(rows, dtype=torch.int64), sizes, max_rows, keep_alive)
+        table = torch.tensor(rows, dtype=torch.int64)
+        return cls(library, table, sizes, final_norm, eps, max_rows, keep_alive)
 
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        attention: Any,
-        kv_cache: Any,
-        final_norm: torch.Tensor,
-        eps: float,
-    ) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, attention: Any, kv_cache: Any) -> torch.Tensor:
         """hidden (batch, hidden_size) float32, updated in place -> the final RMS norm of the result.
 
-        `attention` is the step's `native_ops.DecodeAttention` (rotations, slots, positions, output).
+        `attention` is the step's `native_ops.DecodeAttention` (rotations, slots, positions, output),
+        made for the same model: its output is (batch, heads * head_dim).
         """
         batch_size, hidden_size = hidden.shape
-        attention_width = attention.out.shape[1]
-        if (hidden_size, attention_width, final_norm.numel()) != (
-            self.hidden_size,
-            self._q_size,
-            hidden_size,
-        ):
+        if hidden_size != self.hidden_size or attention.out.shape != (batch_size, self._q_size):
             raise ValueError(  # a caller's bug, never user input: the C loop must not overrun a buffer
-                f"decode step of width {hidden_size} (attention {attention_width}) "
+                f"a decode step of shape {tuple(hidden.shape)} (attention {tuple(attention.out.shape)}) "
                 f"for layers of width {self.hidden_size} (attention {self._q_size})"
             )
         if batch_size > self.max_rows:
             raise ValueError(f"{batch_size} sequences exceed the kernels' {self.max_rows} rows")
-        if len(kv_cache.keys) != self._table.shape[0]:
-            raise ValueError(f"a cache of {len(kv_cache.keys)} layers for {self._table.shape[0]} layers")
-        intermediate_size = self._intermediate_size
         normed = torch.empty_like(hidden)
         buffers = [
             hidden,
             normed,
             torch.empty(batch_size, self._qkv_size),
             torch.empty(batch_size, hidden_size),
-            torch.empty(batch_size, 2 * intermediate_size),
-            torch.empty(batch_size, intermediate_size),
+            torch.empty(batch_size, 2 * self._intermediate_size),
+            torch.empty(batch_size, self._intermediate_size),
             torch.empty(batch_size, hidden_size),
         ]
         addresses = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
@@ -202,24 +188,21 @@ class NativeDecodeLayers:
             attention.address,
             addresses.data_ptr(),
             hidden_size,
-            intermediate_size,
-            eps,
-            final_norm.data_ptr(),
+            self._intermediate_size,
+            self._eps,
+            self._final_norm.data_ptr(),
             torch.get_num_threads(),
         )
         return normed
 
     def _caches(self, kv_cache: Any) -> torch.Tensor:
         """(layers, 2) int64 addresses of the key and value caches, remade when the cache reallocates."""
-        known = self._cache_addresses
-        if known is None or known[0]() is not kv_cache or known[1] != kv_cache.layout_version:
+        if kv_cache.layout_version != self._layout_version:
+            if len(kv_cache.keys) != self._table.shape[0]:
+                raise ValueError(f"a cache of {len(kv_cache.keys)} layers for {self._table.shape[0]} layers")
             addresses = [
                 [keys.data_ptr(), values.data_ptr()] for keys, values in zip(kv_cache.keys, kv_cache.values)
             ]
-            known = (
-                weakref.ref(kv_cache),
-                kv_cache.layout_version,
-                torch.tensor(addresses, dtype=torch.int64),
-            )
-            self._cache_addresses = known
-        return known[2]
+            self._cache_addresses = torch.tensor(addresses, dtype=torch.int64)
+            self._layout_version = kv_cache.layout_version
+        return self._cache_addresses

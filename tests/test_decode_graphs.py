@@ -122,3 +122,13 @@ def test_engine_through_the_graph_step_gives_the_same_greedy_text_across_a_cache
     assert through_graphs.engine.kv_cache.capacity >= 512  # it grew during the run
     assert through_graphs.model.decode_graphs.rebuilds >= 1  # and the step's buffers were made anew
     assert len(expected) == 3 and all(len(tokens) == 40 for tokens in expected)
+
+
+def test_layout_versions_name_one_set_of_tensors_across_caches(tiny):
+    """Consumers holding cache addresses compare only this number, so it never repeats, even between
+    caches: a new cache (perhaps at a freed cache's id) or a regrown one always gets a new version."""
+    first, second = tiny.model.new_cache(), tiny.model.new_cache()
+    assert first.layout_version != second.layout_version
+    before = first.layout_version
+    first.ensure_capacity(first.capacity + 1)
+    assert first.layout_version not in (before, second.layout_version)

@@ -20,7 +20,6 @@ that is how the CPU tests check this path against the model's `forward`.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +50,7 @@ class DecodeGraphs:
         self.model = model
         self.capture = capture and model.device.type == "cuda"
         self._buffers: dict[int, _StepBuffers] = {}
-        # the cache (weakly: a new cache at a recycled id never matches) and its layout version
-        self._cache_signature: tuple[weakref.ref, int] | None = None
+        self._layout_version: int | None = None  # of the cache the buffers and graphs were made for
         self._pool = None
         self.captures = 0  # graphs recorded so far, for tests and reports
         self.steps = 0  # steps served
@@ -63,13 +61,12 @@ class DecodeGraphs:
         runs the ordinary forward, which also reports bad input)."""
         batch_size = batch.batch_size
         bucket = next((size for size in BUCKETS if size >= batch_size), None)
-        if bucket is None or batch.num_new_tokens != 1 or not _fits(batch, kv_cache):
+        if bucket is None or batch.num_new_tokens != 1 or not kv_cache.fits(batch.slots, batch.key_lengths):
             return None
-        known = self._cache_signature
-        if known is None or known[0]() is not kv_cache or known[1] != kv_cache.layout_version:
-            self.rebuilds += known is not None  # graphs hold the old tensors' addresses
+        if kv_cache.layout_version != self._layout_version:  # graphs hold the old tensors' addresses
+            self.rebuilds += self._layout_version is not None
             self._buffers.clear()
-            self._cache_signature = (weakref.ref(kv_cache), kv_cache.layout_version)
+            self._layout_version = kv_cache.layout_version
         buffers = self._buffers.get(bucket)
         if buffers is None:
             buffers = self._buffers[bucket] = self._new_buffers(bucket)
@@ -122,14 +119,3 @@ class DecodeGraphs:
         buffers.graph = graph
         self.captures += 1
         graph.replay()
-
-
-def _fits(batch: ForwardBatch, kv_cache: KVCache) -> bool:
-    """Slots and positions inside the cache, one sequence per slot: a device-side index out of range
-    would abort the process rather than raise, so anything else takes the checked path."""
-    return (
-        max(batch.key_lengths) <= kv_cache.capacity
-        and min(batch.slots) >= 0
-        and max(batch.slots) < kv_cache.num_slots
-        and len(set(batch.slots)) == len(batch.slots)
-    )

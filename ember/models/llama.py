@@ -130,7 +130,9 @@ class LlamaModel:
         # ... and, where every projection has a native kernel, runs all layers in one native call
         self.native_layers = None
         if self._native_ops is not None:
-            self.native_layers = NativeDecodeLayers.build(self._native_ops, self.layers)
+            self.native_layers = NativeDecodeLayers.build(
+                self._native_ops, self.layers, self.final_norm, config.rms_norm_eps
+            )
         # On CUDA, single-token steps replay captured graphs (their positions live on the device, so
         # dynamic RoPE, whose frequencies depend on the length, stays on the ordinary path).
         self.decode_graphs = None
@@ -147,8 +149,9 @@ class LlamaModel:
         if (
             self._native_ops is not None
             and batch.num_new_tokens == 1
-            and _native_decode_fits(batch, kv_cache)
-        ):
+            and kv_cache.dtype == torch.float32
+            and kv_cache.fits(batch.slots, batch.key_lengths)
+        ):  # anything else takes the PyTorch path below, which reports what is wrong
             return self._decode(batch, kv_cache)
         config = self.config
         batch_size, num_new = batch.token_ids.shape
@@ -210,9 +213,7 @@ class LlamaModel:
             config.sliding_window,
         )
         if self.native_layers is not None and batch_size <= self.native_layers.max_rows:
-            normed = self.native_layers(
-                hidden, attend, kv_cache, self.final_norm, eps
-            )  # (batch, hidden): the final norm of the residual stream
+            normed = self.native_layers(hidden, attend, kv_cache)  # (batch, hidden): the final norm
             return self.lm_head(normed).view(batch_size, 1, -1)
         # Buffers reused by every layer: each is consumed before the next layer overwrites it.
         normed = torch.empty_like(hidden)  # (batch, hidden)
@@ -363,18 +364,6 @@ def check_tensor_shapes(config: ModelConfig, tensors: dict[str, Weight]) -> None
         if len(actual) != len(shape) or any(want not in (None, got) for want, got in zip(shape, actual)):
             wanted = "(" + ", ".join("any" if size is None else str(size) for size in shape) + ")"
             raise ModelLoadError(f"tensor {name} has shape {actual}; the config implies {wanted}")
-
-
-def _native_decode_fits(batch: ForwardBatch, kv_cache: KVCache) -> bool:
-    """Whether the native decode step may write this batch's keys: float32 cache, slots and positions
-    inside it, one sequence per slot. Anything else takes the PyTorch path (which reports the error)."""
-    return (
-        kv_cache.dtype == torch.float32
-        and max(batch.key_lengths) <= kv_cache.capacity
-        and max(batch.slots) < kv_cache.num_slots
-        and min(batch.slots) >= 0
-        and len(set(batch.slots)) == len(batch.slots)
-    )
 
 
 def _take_rows(weight: Weight, order: torch.Tensor | None) -> Weight:

@@ -57,19 +57,17 @@ def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _matmul_transposed(rows: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """rows (M, in) times weight_t (in, out); float32 through oneDNN, which is 2x MKL's sgemm here."""
-    if rows.dtype == torch.float32 and rows.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return torch.ops.mkldnn._linear_pointwise(rows, weight_t.T, None, "none", [], "")
-    return rows @ weight_t
-
-
 def _plain_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """rows (M, in) times a plain weight (out, in), transposed: oneDNN for float32 on CPU (it reorders the
-    weight per call, a small cost next to a many-row product), PyTorch elsewhere."""
+    """rows (M, in) times a plain weight (out, in), transposed: oneDNN for float32 on CPU (2x MKL's sgemm
+    here; it reorders the weight per call, a small cost next to a many-row product), PyTorch elsewhere."""
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and torch.backends.mkldnn.is_available():
         return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     return F.linear(rows, weight, bias)
+
+
+def _matmul_transposed(rows: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """rows (M, in) times weight_t (in, out), as `_plain_linear` of its transpose."""
+    return _plain_linear(rows, weight_t.T, None)
 
 
 class FloatLinear:
