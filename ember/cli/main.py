@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.add_parser(subcommands)
     info.add_parser(subcommands)
-    for module_name in ("chat", "bench"):
+    for module_name in ("chat", "bench", "serve", "pull"):
         try:
             module = __import__(f"ember.cli.{module_name}", fromlist=["add_parser"])
         except ImportError:
