@@ -15,6 +15,8 @@ import torch
 
 from ember.errors import InvalidRequestError
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -30,6 +32,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (N <= 20)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -38,7 +41,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # A temperature this small divides logits into overflow; its distribution is the argmax anyway.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:
@@ -56,6 +60,7 @@ class SamplingParams:
             (0 < self.penalty_decay <= 1, "penalty_decay must be in (0, 1]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,6 +6,9 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
 
 from ember.cache import CacheEntry
 from ember.engine.detokenizer import StreamingDetokenizer
@@ -21,6 +24,26 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class TokenConstraint(Protocol):
+    """What constrained decoding (JSON, a schema, a regex, a grammar, a choice) gives the engine.
+
+    One object per sequence. Before each token the engine asks which tokens
+    are allowed and masks the rest; after it, the engine reports the token.
+    When `is_complete` turns true the sequence finishes with "stop".
+    """
+
+    def allowed_token_mask(self, vocab_size: int) -> torch.Tensor | None:
+        """A bool tensor (vocab_size,) of the tokens allowed next, or None when any token is."""
+        ...
+
+    def accept_token(self, token_id: int) -> None:
+        """Advance past the sampled token (raises if it was not allowed)."""
+        ...
+
+    @property
+    def is_complete(self) -> bool: ...
+
+
 @dataclass
 class GenerationRequest:
     """What a front end submits: prompt tokens and how to sample.
@@ -33,6 +56,7 @@ class GenerationRequest:
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     cache_entry: CacheEntry | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
+    constraint: TokenConstraint | None = None  # constrained decoding; None: free text
 
 
 @dataclass
@@ -40,12 +64,15 @@ class StepOutput:
     """One new token of one request: the unit every front end consumes."""
 
     request_id: str
-    token_id: int | None  # None on a final output that carries no token (abort)
+    token_id: int | None  # None on a final output that carries no token (abort, error)
     text: str  # newly completed text (may be empty while a character or stop string is pending)
-    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error" at the end
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens reused from the cache instead of computed
     num_generated_tokens: int
+    error: str | None = None  # with finish_reason "error": a message a front end can show
+    logprob: float | None = None  # with SamplingParams.logprobs: log p(token) under the model's logits
+    top_logprobs: list[tuple[int, float]] | None = None  # the N most likely (token id, log p), best first
 
     @property
     def finished(self) -> bool:
