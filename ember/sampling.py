@@ -8,6 +8,8 @@ reproduces the same text whether the sequence runs alone or in a batch.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +37,6 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; N: the chosen token's logprob and the N most likely (N <= 20)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         self.validate()
 
     @property
@@ -49,6 +49,26 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> None:
+        """Types first (a field named in the message), then ranges; a bad value is one clear error.
+
+        Float fields take any real number (stored as float) but never a string, a bool or a
+        non-finite value (inf would reach the JSON export, NaN passes every range check).
+        """
+        for name in FLOAT_FIELDS:
+            setattr(self, name, _finite_float(name, getattr(self, name)))
+        for name in INT_FIELDS:
+            setattr(self, name, _whole_number(name, getattr(self, name)))
+        for name in ("seed", "logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _whole_number(name, value, "a whole number or None"))
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be true or false, got {_shown(self.ignore_eos)}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {_shown(self.stop)}")
+        self.stop = list(self.stop)
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -60,6 +80,10 @@ class SamplingParams:
             (0 < self.penalty_decay <= 1, "penalty_decay must be in (0, 1]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a 64-bit integer)",
+            ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
@@ -144,3 +168,37 @@ class Sampler:
         if params.frequency_penalty != 0.0:
             logits = logits - params.frequency_penalty * self.output_counts
         return logits
+
+
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_decay",
+)
+INT_FIELDS = ("top_k", "max_tokens")
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: its type and (short) repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:39] + '…'}"
+
+
+def _finite_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(f"{name} must be a number, got {_shown(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidRequestError(f"{name} must be a finite number, got {number}")
+    return number
+
+
+def _whole_number(name: str, value: Any, wanted: str = "a whole number") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidRequestError(f"{name} must be {wanted}, got {_shown(value)}")
+    return int(value)

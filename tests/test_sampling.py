@@ -162,3 +162,34 @@ def test_stop_strings_spanning_tokens_are_cut_and_never_printed(story):
     text = "".join(o.text for o in outputs)
     assert outputs[-1].finish_reason == "stop"
     assert text == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("top_k", 2.5, "top_k must be a whole number, got float 2.5"),
+        ("temperature", "0.5", "temperature must be a number, got str '0.5'"),
+        ("seed", "abc", "seed must be a whole number or None, got str 'abc'"),
+        ("seed", 99999999999999999999999, "seed must be in"),
+        ("temperature", math.inf, "temperature must be a finite number"),
+        ("top_p", math.nan, "top_p must be a finite number"),
+        ("presence_penalty", -math.inf, "presence_penalty must be a finite number"),
+        ("max_tokens", True, "max_tokens must be a whole number, got bool"),
+        ("ignore_eos", "no", "ignore_eos must be true or false"),
+        ("stop", 5, "stop must be a string or a list of strings"),
+        ("logprobs", 1.5, "logprobs must be a whole number or None"),
+    ],
+)
+def test_wrong_types_and_non_finite_values_name_the_field(field, value, fragment):
+    with pytest.raises(InvalidRequestError) as caught:
+        SamplingParams(**{field: value})
+    assert fragment in str(caught.value)
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams().replace(**{field: value})
+
+
+def test_whole_numbers_are_accepted_for_float_settings():
+    params = SamplingParams(temperature=1, top_k=torch.tensor(3).item(), seed=2**63)
+    assert params.temperature == 1.0 and isinstance(params.temperature, float)
+    assert params.top_k == 3 and params.seed == 2**63
+    Sampler(params, 4, []).sample(torch.zeros(4))  # a seed at the range's end still seeds
