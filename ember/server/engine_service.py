@@ -1,0 +1,252 @@
+"""The engine service: owns the loaded model, and bridges its thread to asyncio.
+
+The model loads in a background thread after the HTTP server is listening
+(so /health can say 503 while loading). Once loaded, the engine's own loop
+thread runs the batched steps; a handler submits a request with
+`await service.submit(request)` (validation and tokenizing happen off the
+event loop) and reads its outputs from a `RequestStream`, fed from the
+engine thread through `loop.call_soon_threadsafe`. Nothing on the event loop
+touches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ember.engine.sequence import GenerationRequest, SequenceStatus, StepOutput
+from ember.errors import EmberError
+from ember.handle import ModelHandle
+from ember.server.errors import ApiError
+from ember.server.metrics import ServerMetrics
+from ember.server.step_loop import StepLoop
+
+log = logging.getLogger("ember.server")
+
+LoadFunction = Callable[[Callable[[int, int], None]], ModelHandle]  # (progress callback) -> handle
+RETRY_AFTER_SECONDS = 5
+
+
+class RequestStream:
+    """One engine request's outputs, read on the event loop in order."""
+
+    def __init__(self, service: EngineService, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.service = service
+        self.request = request
+        self.request_id = request.request_id
+        self.loop = loop
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.sequence = None
+        self.finished = False
+        self.submitted_at = time.perf_counter()
+        self._last_token_at: float | None = None
+        self._getter: asyncio.Task | None = None
+
+    def on_output(self, output: StepOutput) -> None:
+        """Called on the engine thread: quick, never blocks."""
+        metrics = self.service.metrics
+        now = time.perf_counter()
+        if output.token_id is not None:
+            if self._last_token_at is None:
+                metrics.time_to_first_token.observe(now - self.submitted_at)
+            else:
+                metrics.inter_token_latency.observe(now - self._last_token_at)
+            self._last_token_at = now
+            engine = self.service.engine
+            if engine is not None:
+                metrics.decode_batch_size.observe(max(len(engine.running), 1))
+        if output.finished:
+            self.service._active.pop(self.request_id, None)
+            metrics.finished.labels(output.finish_reason).inc()
+            metrics.generated_tokens.inc(output.num_generated_tokens)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
+
+    async def next(self, timeout: float | None = None) -> StepOutput | None:
+        """The next output, or None when `timeout` seconds pass first (the wait can be resumed)."""
+        if self._getter is None:
+            self._getter = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait([self._getter], timeout=timeout)
+        if not done:
+            return None
+        output = self._getter.result()
+        self._getter = None
+        if output.finished:
+            self.finished = True
+        return output
+
+    async def first(self, queue_timeout: float) -> StepOutput:
+        """The first output; 503 with Retry-After if the request is still queued after `queue_timeout`."""
+        deadline = self.submitted_at + queue_timeout
+        while True:
+            output = await self.next(timeout=max(0.05, min(1.0, deadline - time.perf_counter())))
+            if output is not None:
+                return output
+            waiting = (
+                self.sequence is None or getattr(self.sequence, "status", None) is SequenceStatus.WAITING
+            )
+            if waiting and time.perf_counter() >= deadline:
+                self.abort()
+                self.service.metrics.queue_timeouts.inc()
+                raise ApiError(
+                    503,
+                    f"the server is busy: the request waited {queue_timeout:g} s for a free slot",
+                    code="queue_timeout",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
+
+    def abort(self) -> None:
+        """Stop the request (client gone, or the server drains); its final output still arrives."""
+        if not self.finished:
+            self.service.abort(self.request_id)
+
+    def close(self) -> None:
+        self.abort()
+        if self._getter is not None:
+            self._getter.cancel()
+            self._getter = None
+
+
+class EngineService:
+    """The loaded model, its engine thread, and the requests in flight."""
+
+    def __init__(
+        self,
+        load_model: LoadFunction,
+        *,
+        model_name: str,
+        max_batch_size: int | None = None,
+        queue_timeout: float = 60.0,
+        metrics: ServerMetrics | None = None,
+    ):
+        self._load_model = load_model
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.queue_timeout = queue_timeout
+        self.metrics = metrics or ServerMetrics()
+        self.handle: ModelHandle | None = None
+        self.state = "loading"  # loading -> ready | failed; draining after a stop signal
+        self.load_error: str | None = None
+        self.load_progress: tuple[int, int] = (0, 0)
+        self.loaded = threading.Event()
+        self.draining = False
+        self._active: dict[str, RequestStream] = {}
+        self._step_loop: StepLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.on_loaded: Callable[[EngineService], None] | None = None  # after loading, on the load thread
+        self.on_progress: Callable[[int, int], None] | None = None  # (layers built, total) while loading
+        # Called when a drain's grace time is over, before replies are cut: other front ends
+        # (the sessions API) register here to mark their replies in progress as interrupted.
+        self.drain_callbacks: list[Callable[[], None]] = []
+        self.metrics.watch_engine(lambda: self.engine, lambda: len(self._active))
+
+    @property
+    def engine(self):
+        return self.handle.engine if self.handle is not None else None
+
+    # ------------------------------------------------------------ loading
+
+    def start_loading(self) -> None:
+        self.metrics.loading.set(1)
+        self._thread = threading.Thread(target=self._load, name="ember-model-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            handle = self._load_model(self._progress)
+            engine = handle.engine
+            if self.max_batch_size is not None:
+                engine.max_batch_size = self.max_batch_size
+            if _has_engine_thread(engine):
+                engine.start()
+            else:  # an engine from before the thread-safe contract: drive it from our own thread
+                self._step_loop = StepLoop(engine)
+            self.handle = handle
+            self.state = "ready"
+        except Exception as error:  # shown by /health and the log; the server stays up to say so
+            self.state = "failed"
+            self.load_error = (
+                str(error) if isinstance(error, EmberError) else f"{type(error).__name__}: {error}"
+            )
+            log.error("loading the model failed: %s", self.load_error)
+        finally:
+            self.metrics.loading.set(0)
+            self.loaded.set()
+        if self.on_loaded is not None:
+            self.on_loaded(self)
+
+    def _progress(self, done: int, total: int) -> None:
+        self.load_progress = (done, total)
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
+    def require_ready(self) -> ModelHandle:
+        """The handle, or a 503 while loading / after a failed load / while draining."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if self.state == "loading":
+            raise ApiError(
+                503,
+                "the model is still loading",
+                code="loading",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        if self.state == "failed" or self.handle is None:
+            raise ApiError(503, f"the model failed to load: {self.load_error}", code="load_failed")
+        return self.handle
+
+    # ------------------------------------------------------------ requests
+
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request in the engine; raises EmberError (bad request) before anything is queued."""
+        self.require_ready()
+        stream = RequestStream(self, request, asyncio.get_running_loop())
+        self._active[request.request_id] = stream
+        try:
+            stream.sequence = await asyncio.to_thread(self._add_request, request, stream.on_output)
+        except BaseException:
+            self._active.pop(request.request_id, None)
+            raise
+        self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        return stream
+
+    def _add_request(self, request: GenerationRequest, on_output: Callable[[StepOutput], None]):
+        if self._step_loop is not None:
+            return self._step_loop.add_request(request, on_output)
+        return self.engine.add_request(request, on_output=on_output)
+
+    def abort(self, request_id: str) -> None:
+        if self._step_loop is not None:
+            self._step_loop.abort(request_id)
+        elif self.engine is not None:
+            self.engine.abort(request_id)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def abort_all(self) -> None:
+        for request_id in list(self._active):
+            self.abort(request_id)
+
+    def stop(self) -> None:
+        engine = self.engine
+        if self._step_loop is not None:
+            self._step_loop.stop()
+        elif engine is not None and hasattr(engine, "stop"):
+            engine.stop()
+
+
+def _has_engine_thread(engine) -> bool:
+    if not hasattr(engine, "start"):
+        return False
+    return "on_output" in inspect.signature(engine.add_request).parameters

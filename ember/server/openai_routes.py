@@ -1,0 +1,5 @@
+"""Placeholder while the OpenAI routes are written."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
