@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ember.errors import EmberError, InvalidRequestError
-from ember.sessions import AmbiguousIdError, NotFoundError, SessionStore, default_data_dir
+from ember.sessions import ANY_OWNER, AmbiguousIdError, NotFoundError, SessionStore, default_data_dir
 from ember.sessions.data_dir import default_store_path
 from ember.sessions.schema import SCHEMA_VERSION, SchemaVersionError
 
@@ -36,7 +36,7 @@ def test_session_fields_round_trip_and_list_newest_first(store):
     store.append_message(first.id, "user", "hello")
     store.append_message(first.id, "assistant", "hi", token_count=3)
 
-    assert len(first.id) == 10 and int(first.id, 16) >= 0
+    assert len(first.id) == 16 and int(first.id, 16) >= 0
     assert store.get_session(first.id).sampling == {"temperature": 0.7, "top_k": 40}
     sessions = store.list_sessions()
     assert [session.id for session in sessions] == [first.id, second.id]  # first was updated last
@@ -277,7 +277,7 @@ def test_version_1_file_is_migrated_with_all_data(tmp_path):
         store.append_message(session.id, "user", "still works", token_count=3)
 
     connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert connection.execute("SELECT count(*) FROM messages").fetchone()[0] == 4
     connection.close()
 
@@ -431,3 +431,121 @@ def test_opening_the_store_leaves_a_live_writers_reply_alone(tmp_path):
             assert reader.get_message(dead.id).status == "interrupted"
         writer.finish_reply(live.id, "still being written, now done")
         assert writer.get_message(live.id).status == "complete"
+
+
+def test_sessions_belong_to_their_owner_and_are_found_only_by_exact_id(store):
+    local = store.create_session(title="Local notes")
+    alice = store.create_session(title="Alice's trip", owner="alice")
+    bob = store.create_session(title="Bob's TRIP plans", owner="bob")
+
+    assert store.get_owned_session(alice.id, "alice").owner == "alice"
+    assert store.get_owned_session(local.id, None).title == "Local notes"
+    for session_id, owner in [
+        (alice.id, "bob"),
+        (alice.id, None),
+        (local.id, "alice"),
+        (alice.id[:6], "alice"),
+    ]:
+        with pytest.raises(NotFoundError, match="no session"):
+            store.get_owned_session(session_id, owner)
+    assert [session.id for session in store.list_sessions(owner="alice")] == [alice.id]
+    assert [session.id for session in store.list_sessions(owner=None)] == [local.id]
+    assert {session.id for session in store.list_sessions()} == {local.id, alice.id, bob.id}
+    assert store.list_sessions(owner=ANY_OWNER) == store.list_sessions()
+    assert [session.id for session in store.list_sessions(title_contains="trip")] == [bob.id, alice.id]
+    assert store.list_sessions(owner="bob", title_contains="trip")[0].id == bob.id
+    assert store.list_sessions(owner="alice", title_contains="bob") == []
+    assert store.list_sessions(title_contains="%") == []  # not a LIKE pattern
+
+
+def test_start_reply_writes_the_message_and_its_writer_in_one_transaction(store):
+    session = store.create_session()
+    store.append_message(session.id, "user", "Q")
+    statements: list[str] = []
+    store._connection.set_trace_callback(statements.append)
+    try:
+        reply = store.start_reply(session.id)
+    finally:
+        store._connection.set_trace_callback(None)
+    assert sum(statement.startswith("BEGIN") for statement in statements) == 1
+    assert sum(statement == "COMMIT" for statement in statements) == 1
+    row = store._connection.execute(
+        "SELECT writer, status FROM messages WHERE id = ?", (reply.id,)
+    ).fetchone()
+    assert row["writer"] and row["status"] == "streaming"
+
+    statements.clear()
+    store.finish_reply(reply.id, "A")
+    store._connection.set_trace_callback(statements.append)
+    try:
+        again = store.start_alternative_reply(session.id)
+    finally:
+        store._connection.set_trace_callback(None)
+    assert sum(statement == "COMMIT" for statement in statements) == 1
+    assert store._connection.execute("SELECT writer FROM messages WHERE id = ?", (again.id,)).fetchone()[0]
+
+
+def test_siblings_session_messages_and_removing_a_fresh_branch(store):
+    session = store.create_session()
+    other = store.create_session()
+    question = store.append_message(session.id, "user", "Q")
+    first = store.append_message(session.id, "assistant", "A1")
+    second = store.start_alternative_reply(session.id)
+    store.finish_reply(second.id, "A2")
+
+    assert store.sibling_ids(session.id) == {
+        first.id: [first.id, second.id],
+        second.id: [first.id, second.id],
+    }
+    assert store.session_message(session.id, question.id).content == "Q"
+    with pytest.raises(NotFoundError):
+        store.session_message(other.id, question.id)
+    with pytest.raises(NotFoundError):
+        store.session_message(session.id, "not-an-id")
+
+    edited = store.edit_message(question.id, "Q edited")
+    reply = store.start_alternative_reply(session.id)
+    store.remove_branch(edited.id, second.id)  # takes the edit and its reply back
+    assert contents(store.active_path(session.id)) == ["Q", "A2"]
+    with pytest.raises(NotFoundError):
+        store.get_message(reply.id)
+    assert store.sibling_ids(session.id)[second.id] == [first.id, second.id]
+    assert question.id not in store.sibling_ids(session.id)
+
+
+VERSION_3_SQL = """
+CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT, system_prompt TEXT,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, head_message_id TEXT,
+    model TEXT, sampling TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE messages (id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    parent_id TEXT REFERENCES messages(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL, created_at REAL NOT NULL, token_count INTEGER,
+    status TEXT NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'streaming', 'interrupted')),
+    writer TEXT);
+INSERT INTO sessions VALUES ('aaaa000001', 'terminal chat', NULL, 100.0, 200.0, 'bbbb000002', 'm', '{}');
+INSERT INTO messages VALUES ('bbbb000001', 'aaaa000001', NULL, 'user', 'hi', 101.0, 1, 'complete', NULL);
+INSERT INTO messages VALUES ('bbbb000002', 'aaaa000001', 'bbbb000001', 'assistant', 'hello', 102.0, 1,
+    'complete', NULL);
+PRAGMA user_version = 3;
+"""
+
+
+def test_version_3_file_gains_owners_and_its_sessions_belong_to_the_local_user(tmp_path):
+    path = tmp_path / "v3.sqlite3"
+    connection = sqlite3.connect(path)
+    connection.executescript(VERSION_3_SQL)
+    connection.close()
+
+    with SessionStore(path) as store:
+        session = store.get_owned_session("aaaa000001", None)
+        assert (session.title, session.owner, session.message_count) == ("terminal chat", None, 2)
+        assert [s.id for s in store.list_sessions(owner=None)] == ["aaaa000001"]
+        assert store.list_sessions(owner="alice") == []
+        store.create_session(title="over http", owner="alice")
+    with SessionStore(path) as store:  # opening again migrates nothing twice
+        assert [s.title for s in store.list_sessions(owner="alice")] == ["over http"]
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 4
+    connection.close()

@@ -13,7 +13,9 @@ import time
 from ember.errors import InvalidRequestError
 from ember.sessions.records import Message, Session
 
-ID_BYTES = 5  # 10 hex characters: short enough to type, 2**40 possible ids
+# 16 hex characters (2**64 possible ids): served over HTTP, ids must not be guessable from
+# each other; `ember chat` users type a short prefix.
+ID_BYTES = 8
 
 
 class NotFoundError(InvalidRequestError):
@@ -64,6 +66,19 @@ def resolve_session_id(connection: sqlite3.Connection, typed_id: str) -> str:
     return rows[0]["id"]
 
 
+def require_owned_session(connection: sqlite3.Connection, session_id: str, owner: str | None) -> sqlite3.Row:
+    """The session with exactly this id and owner; any other id (a prefix, another user's) is not found.
+
+    One message for every miss, so a caller cannot tell another user's id from a missing one.
+    """
+    row = connection.execute(
+        "SELECT * FROM sessions WHERE id = ? AND owner IS ?", (session_id, owner)
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"no session with id {session_id!r}")
+    return row
+
+
 def require_session(connection: sqlite3.Connection, session_id: str) -> sqlite3.Row:
     row = connection.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
     if row is None:
@@ -99,14 +114,18 @@ def insert_message(
     content: str,
     status: str,
     token_count: int | None,
+    writer: str | None = None,
 ) -> Message:
+    """Add a message (with its writer, for a streaming reply) and make it the head.
+
+    Runs in the caller's transaction."""
     require_session(connection, session_id)
     if parent_id is not None and read_message(connection, parent_id).session_id != session_id:
         raise InvalidRequestError(f"message {parent_id} belongs to another session")
     message_id = new_id(connection, "messages")
     connection.execute(
-        f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (message_id, session_id, parent_id, role, content, time.time(), token_count, status),
+        f"INSERT INTO messages ({MESSAGE_COLUMNS}, writer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (message_id, session_id, parent_id, role, content, time.time(), token_count, status, writer),
     )
     set_head(connection, session_id, message_id)
     return read_message(connection, message_id)
@@ -118,6 +137,18 @@ def set_head(connection: sqlite3.Connection, session_id: str, message_id: str | 
         raise InvalidRequestError(f"message {message_id} belongs to another session")
     connection.execute("UPDATE sessions SET head_message_id = ? WHERE id = ?", (message_id, session_id))
     touch(connection, session_id)
+
+
+def sibling_ids(connection: sqlite3.Connection, session_id: str) -> dict[str, list[str]]:
+    """Message id -> ids of it and its siblings (same parent and role), oldest first, where any exist."""
+    groups: dict[tuple[str | None, str], list[str]] = {}
+    rows = connection.execute(
+        "SELECT id, parent_id, role FROM messages WHERE session_id = ? ORDER BY created_at, rowid",
+        (session_id,),
+    )
+    for row in rows:
+        groups.setdefault((row["parent_id"], row["role"]), []).append(row["id"])
+    return {message_id: ids for ids in groups.values() if len(ids) > 1 for message_id in ids}
 
 
 def touch(connection: sqlite3.Connection, session_id: str) -> None:

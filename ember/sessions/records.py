@@ -16,6 +16,7 @@ class Session:
 
     `head_message_id` is the leaf of the active conversation (None when empty);
     `message_count` is the length of that active path, branches not counted.
+    `owner` is the API key user that created it over HTTP (None: the local user).
     Times are Unix seconds.
     """
 
@@ -28,6 +29,7 @@ class Session:
     updated_at: float = 0.0
     head_message_id: str | None = None
     message_count: int = 0
+    owner: str | None = None
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,14 @@ _VERSION_2 = (
 # opened elsewhere recovers only replies whose writer is gone, not live ones.
 _VERSION_3 = ("ALTER TABLE messages ADD COLUMN writer TEXT",)
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_VERSION_1, _VERSION_2, _VERSION_3)
+# Version 4: who owns a session (the API key's user that created it over HTTP); NULL is the
+# local user, the one `ember chat` and a server without keys act for.
+_VERSION_4 = (
+    "ALTER TABLE sessions ADD COLUMN owner TEXT",
+    "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, updated_at)",
+)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Self
 
 from ember.errors import EmberError, InvalidRequestError
 from ember.sessions import export, queries
+from ember.sessions.queries import NotFoundError
 from ember.sessions.records import ROLES, STATUSES, Message, Session
 from ember.sessions.schema import migrate
 from ember.sessions.writer import THIS_WRITER, writer_is_alive
@@ -33,10 +34,12 @@ from ember.sessions.writer import THIS_WRITER, writer_is_alive
 class _Marker(Enum):
     AT_HEAD = "at head"
     UNCHANGED = "unchanged"
+    ANY_OWNER = "any owner"
 
 
 AT_HEAD = _Marker.AT_HEAD  # append_message's default parent: the session's current head
 UNCHANGED = _Marker.UNCHANGED  # update_session's default: leave that field as it is
+ANY_OWNER = _Marker.ANY_OWNER  # list_sessions' default: every session in the file, whoever owns it
 
 
 class SessionStore:
@@ -99,15 +102,18 @@ class SessionStore:
         system_prompt: str | None = None,
         model: str | None = None,
         sampling: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> Session:
+        """A new, empty session; `owner` is the API user creating it (None: the local user)."""
         now = time.time()
         sampling_text = _sampling_json(sampling or {})
         with self._transaction() as connection:
             session_id = queries.new_id(connection, "sessions")
             connection.execute(
-                "INSERT INTO sessions (id, title, system_prompt, model, sampling, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (session_id, title, system_prompt, model, sampling_text, now, now),
+                "INSERT INTO sessions"
+                " (id, title, system_prompt, model, sampling, created_at, updated_at, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (session_id, title, system_prompt, model, sampling_text, now, now, owner),
             )
             return queries.read_session(connection, session_id)
 
@@ -116,11 +122,32 @@ class SessionStore:
         with self._transaction(write=False) as connection:
             return queries.read_session(connection, queries.resolve_session_id(connection, session_id))
 
-    def list_sessions(self) -> list[Session]:
-        """All sessions, most recently updated first."""
+    def get_owned_session(self, session_id: str, owner: str | None) -> Session:
+        """The session with exactly this id if `owner` owns it; NotFoundError otherwise (no prefixes).
+
+        The HTTP API's lookup: another user's session and a missing one look the same.
+        """
+        with self._transaction(write=False) as connection:
+            queries.require_owned_session(connection, session_id, owner)
+            return queries.read_session(connection, session_id)
+
+    def list_sessions(
+        self, *, owner: str | None | _Marker = ANY_OWNER, title_contains: str | None = None
+    ) -> list[Session]:
+        """Sessions, most recently updated first: all of them, or `owner`'s, optionally by title words."""
+        conditions, parameters = [], []
+        if owner is not ANY_OWNER:
+            conditions.append("owner IS ?")
+            parameters.append(owner)
+        if title_contains:
+            conditions.append("instr(lower(coalesce(title, '')), lower(?)) > 0")
+            parameters.append(title_contains)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._transaction(write=False) as connection:
             counts = dict(connection.execute(queries.PATH_LENGTHS.format(condition="")).fetchall())
-            rows = connection.execute("SELECT * FROM sessions ORDER BY updated_at DESC, rowid DESC")
+            rows = connection.execute(
+                f"SELECT * FROM sessions {where} ORDER BY updated_at DESC, rowid DESC", parameters
+            )
             return [queries.session_from_row(row, counts.get(row["id"], 0)) for row in rows]
 
     def update_session(
@@ -164,6 +191,22 @@ class SessionStore:
         with self._transaction(write=False) as connection:
             return queries.read_active_path(connection, session_id)
 
+    def session_message(self, session_id: str, message_id: str) -> Message:
+        """The message with this id if it belongs to this session; NotFoundError otherwise."""
+        with self._transaction(write=False) as connection:
+            row = connection.execute(
+                f"SELECT {queries.MESSAGE_COLUMNS} FROM messages WHERE id = ? AND session_id = ?",
+                (message_id, session_id),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no message with id {message_id!r} in this session")
+            return queries.message_from_row(row)
+
+    def sibling_ids(self, session_id: str) -> dict[str, list[str]]:
+        """Message id -> the ids of it and its alternatives (oldest first), for messages that have any."""
+        with self._transaction(write=False) as connection:
+            return queries.sibling_ids(connection, session_id)
+
     def alternatives(self, message_id: str) -> list[Message]:
         """The message and its siblings of the same role, oldest first: /alt N picks index N - 1."""
         with self._transaction(write=False) as connection:
@@ -200,15 +243,17 @@ class SessionStore:
             )
 
     def start_reply(self, session_id: str, *, parent_id: str | None | _Marker = AT_HEAD) -> Message:
-        """Create an empty assistant message in status 'streaming' and make it the head."""
-        message = self.append_message(session_id, "assistant", "", status="streaming", parent_id=parent_id)
-        self._claim(message.id)
-        return message
+        """Create an empty assistant message in status 'streaming', written by this process, as the head.
 
-    def _claim(self, message_id: str) -> None:
-        """Record this process as the writer of a streaming reply."""
+        One transaction: a reader (another process opening the store) never sees a
+        streaming reply without its writer, which it would take for orphaned.
+        """
         with self._transaction() as connection:
-            connection.execute("UPDATE messages SET writer = ? WHERE id = ?", (THIS_WRITER, message_id))
+            if parent_id is AT_HEAD:
+                parent_id = queries.require_session(connection, session_id)["head_message_id"]
+            return queries.insert_message(
+                connection, session_id, parent_id, "assistant", "", "streaming", None, writer=THIS_WRITER
+            )
 
     def start_alternative_reply(self, session_id: str) -> Message:
         """/regen: start another answer to the last user message, keeping the current one as a sibling."""
@@ -218,11 +263,9 @@ class SessionStore:
                 raise InvalidRequestError("there is no message to answer again")
             head = path[-1]
             parent_id = head.parent_id if head.role == "assistant" else head.id
-            message = queries.insert_message(
-                connection, session_id, parent_id, "assistant", "", "streaming", None
+            return queries.insert_message(
+                connection, session_id, parent_id, "assistant", "", "streaming", None, writer=THIS_WRITER
             )
-            connection.execute("UPDATE messages SET writer = ? WHERE id = ?", (THIS_WRITER, message.id))
-            return message
 
     def update_reply(self, message_id: str, content: str) -> None:
         """Store the reply's text so far (the whole text, not a delta); one small write, fine every 0.5 s."""
@@ -274,6 +317,17 @@ class SessionStore:
             )
 
     # Moving the head
+
+    def remove_branch(self, message_id: str, head_id: str | None) -> None:
+        """Delete a message and everything under it, and make `head_id` the head again.
+
+        Only for taking back a branch that was just made and could not be answered
+        (an edit whose reply failed to start): the session is left as it was before.
+        """
+        with self._transaction() as connection:
+            message = queries.read_message(connection, message_id)
+            queries.set_head(connection, message.session_id, head_id)
+            connection.execute("DELETE FROM messages WHERE id = ?", (message_id,))  # children cascade
 
     def set_head(self, session_id: str, message_id: str | None) -> None:
         with self._transaction() as connection:
