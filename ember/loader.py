@@ -58,7 +58,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return _read_gguf(ggufs[0])
-        raise ModelLoadError(f"{path} holds neither config.json (HF folder) nor a single .gguf file")
+        if len(ggufs) > 1:
+            names = ", ".join(gguf.name for gguf in ggufs)
+            raise ModelLoadError(
+                f"{path} holds {len(ggufs)} .gguf files ({names}); which one? pass its path, e.g. {ggufs[0]}"
+            )
+        raise ModelLoadError(f"{path} holds neither config.json (HF folder) nor a .gguf file")
     if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         return _read_gguf(path)
     if path.suffix == ".safetensors":

@@ -374,3 +374,32 @@ def test_fast_reader_metadata_equals_the_stock_readers(smollm2_metadata):
     stock = read_metadata(gguf.GGUFReader(smollm2_path()))
     assert smollm2_metadata == stock
     assert len(stock["tokenizer.ggml.tokens"]) == 49152 and len(stock["tokenizer.ggml.token_type"]) == 49152
+
+
+@pytest.mark.parametrize(
+    "size, offset", [(4, 4), (12, 8), (20, 16), (30, 24), (1000, 982), (100_000, 99_995)]
+)
+def test_a_short_header_is_reported_truncated_at_its_byte(tmp_path, size, offset):
+    path = tmp_path / "short.gguf"
+    with open(smollm2_path(), "rb") as reader:
+        path.write_bytes(reader.read(size))
+    with pytest.raises(ModelLoadError) as caught:
+        read_gguf(path)
+    message = str(caught.value)
+    assert f"truncated GGUF header at byte {offset}" in message, message
+    for leak in ("index 0", "axis", "unpack", "dtype", "\n"):
+        assert leak not in message, message
+
+
+def test_a_corrupt_value_type_is_an_invalid_header_at_its_byte(tmp_path):
+    data = bytearray(smollm2_path().read_bytes()[:4096])
+    key_length = int.from_bytes(data[24:32], "little")
+    type_at = 32 + key_length  # the first metadata value's type id
+    data[type_at : type_at + 4] = (77).to_bytes(4, "little")
+    path = tmp_path / "corrupt.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError) as caught:
+        read_gguf(path)
+    assert f"invalid GGUF header at byte {type_at}: metadata value 1 has unknown value type 77" in str(
+        caught.value
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -146,3 +147,47 @@ def test_a_weight_of_the_wrong_shape_is_a_load_error_naming_it(tmp_path, name, r
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=re.escape(f"{name} has shape ({rows}, ")):
         ember.load(folder)
+
+
+def test_a_config_vocab_size_that_disagrees_with_the_embedding_fails_at_load(tmp_path):
+    folder = tmp_path / "story"
+    shutil.copytree(STORY_MODEL, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ModelLoadError) as caught:
+        ember.load(folder)
+    message = str(caught.value)
+    assert "vocab_size 1000" in message and "2048 rows" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "arguments, fragment",
+    [
+        ({"device": "tpu"}, "device must be one of cpu, cuda (or cuda:N), got 'tpu'"),
+        ({"device": 3}, "device must be a str or a torch.device, got int"),
+        ({"dtype": 32}, "dtype must be a str or a torch.dtype, got int"),
+        ({"quant": 8}, "quant must be None or one of none, int8, int4, got 8"),
+        ({"cache_memory_mib": 0}, "cache_memory_mib must be a positive number"),
+        ({"cache_memory_mib": -1}, "cache_memory_mib must be a positive number"),
+        ({"cache_memory_mib": "1024"}, "cache_memory_mib must be a number of MiB"),
+        ({"context_length": 256.5}, "context_length must be a whole number or None"),
+        ({"cuda_graphs": "no"}, "cuda_graphs must be True or False"),
+        ({"path": 5}, "path must be a str or a Path, got int"),
+    ],
+)
+def test_load_arguments_of_the_wrong_type_are_errors_naming_them(arguments, fragment):
+    arguments = {"path": STORY_MODEL, **arguments}
+    with pytest.raises(ember.EmberError) as caught:
+        ember.load(**arguments)
+    assert fragment in str(caught.value)
+
+
+def test_a_folder_with_two_gguf_files_names_them_and_asks_which(tmp_path):
+    for name in ("model-Q4_1.gguf", "model-Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError) as caught:
+        ember.load(tmp_path)
+    message = str(caught.value)
+    assert "model-Q4_1.gguf, model-Q8_0.gguf" in message and "which one?" in message
+    assert "neither" not in message

@@ -107,7 +107,96 @@ def open_gguf(path: Path) -> MappedReader:
     except ModelLoadError:
         raise
     except Exception as error:  # the gguf package raises many kinds on a damaged header
+        problem = find_header_problem(path)
+        if problem is not None:
+            raise ModelLoadError(f"{path}: {problem}") from None
         raise ModelLoadError(f"{path} is truncated or corrupt (unreadable GGUF header: {error})") from None
     if reader.byte_order != "I":
         raise ModelLoadError(f"{path} is a big-endian GGUF file, which ember does not read")
     return reader
+
+
+# GGUF value type id -> size in bytes of a scalar of it (8 is a string, 9 an array).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_DIMENSIONS = 4  # GGML_MAX_DIMS
+
+
+class _HeaderProblem(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def find_header_problem(path: Path) -> str | None:
+    """Where a GGUF header first goes wrong, as a sentence with its byte offset (None: it looks whole).
+
+    Run only after the reader failed: walks the header as the format defines it
+    (magic, version, counts, key/value pairs, tensor infos), so a short or damaged
+    file is reported as "truncated GGUF header at byte N" or "invalid GGUF header at
+    byte N: ..." rather than as the numpy or struct error the reader met.
+    """
+    data = path.read_bytes() if path.stat().st_size < (1 << 20) else None
+    if data is None:  # large file: the header is at the start; read it through a map
+        data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    size = len(data)
+    offset = 0
+
+    def take(count: int, what: str) -> int:
+        nonlocal offset
+        if offset + count > size:
+            raise _HeaderProblem(
+                f"truncated GGUF header at byte {offset}: {what} needs {count} bytes, "
+                f"the file has {size - offset} more"
+            )
+        start, offset = offset, offset + count
+        return start
+
+    def unsigned(count: int, what: str) -> int:
+        start = take(count, what)
+        return int.from_bytes(bytes(data[start : start + count]), "little")
+
+    def string(what: str) -> None:
+        length = unsigned(8, f"the length of {what}")
+        take(length, what)
+
+    def value(type_id: int, what: str, depth: int = 0) -> None:
+        at = offset - 4
+        if type_id in _SCALAR_SIZES:
+            take(_SCALAR_SIZES[type_id], what)
+        elif type_id == 8:
+            string(what)
+        elif type_id == 9 and depth == 0:
+            item_type = unsigned(4, f"the item type of {what}")
+            count = unsigned(8, f"the length of {what}")
+            if item_type in _SCALAR_SIZES:
+                take(count * _SCALAR_SIZES[item_type], f"{what} ({count} items)")
+            else:
+                for _ in range(count):
+                    value(item_type, f"an item of {what}", depth + 1)
+        else:
+            raise _HeaderProblem(f"invalid GGUF header at byte {at}: {what} has unknown value type {type_id}")
+
+    try:
+        take(4, "the magic bytes")
+        version = unsigned(4, "the version")
+        if version not in (2, 3):
+            raise _HeaderProblem(f"invalid GGUF header at byte 4: version {version} (ember reads 2 and 3)")
+        tensor_count = unsigned(8, "the tensor count")
+        pair_count = unsigned(8, "the metadata count")
+        for index in range(pair_count):
+            string(f"metadata key {index + 1} of {pair_count}")
+            type_id = unsigned(4, f"the type of metadata value {index + 1}")
+            value(type_id, f"metadata value {index + 1}")
+        for index in range(tensor_count):
+            string(f"the name of tensor {index + 1} of {tensor_count}")
+            at = offset
+            dimensions = unsigned(4, f"the dimension count of tensor {index + 1}")
+            if dimensions > _MAX_DIMENSIONS:
+                raise _HeaderProblem(
+                    f"invalid GGUF header at byte {at}: tensor {index + 1} has {dimensions} dimensions "
+                    f"(at most {_MAX_DIMENSIONS})"
+                )
+            take(8 * dimensions + 4 + 8, f"the shape, type and offset of tensor {index + 1}")
+    except _HeaderProblem as problem:
+        return problem.message
+    return None

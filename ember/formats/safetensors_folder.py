@@ -26,6 +26,7 @@ def read_hf_folder(folder: Path) -> Checkpoint:
     folder = Path(folder)
     config = ModelConfig.from_hf_file(folder / "config.json")
     tensors = read_safetensors_weights(folder)
+    _check_vocabulary_rows(folder, config, tensors)
     tokenizer = Tokenizer.from_hf_folder(folder, config.bos_token_id, config.eos_token_ids)
     if tokenizer.bos_token_id is not None and config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
@@ -38,6 +39,24 @@ def read_hf_folder(folder: Path) -> Checkpoint:
         format="safetensors",
         details={"files": shard_files, "dtypes": _dtype_shares(tensors)},
     )
+
+
+VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _check_vocabulary_rows(folder: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """config.json's vocab_size against the embedding's rows: a mismatch fails here, not at a prompt.
+
+    HF builds both layers with `vocab_size` rows, so any difference means the config and the
+    weights come from different models (or an edited config).
+    """
+    for name in VOCABULARY_TENSORS:
+        tensor = tensors.get(name)
+        if tensor is not None and tensor.dim() == 2 and tensor.shape[0] != config.vocab_size:
+            raise ModelLoadError(
+                f"{folder / 'config.json'} says vocab_size {config.vocab_size}, but tensor {name} has "
+                f"{tensor.shape[0]} rows (the config and the weights disagree)"
+            )
 
 
 def read_safetensors_weights(folder: Path) -> dict[str, torch.Tensor]:
