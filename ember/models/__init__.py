@@ -10,12 +10,14 @@ import torch
 from ember.errors import UnsupportedArchitectureError
 from ember.formats.checkpoint import Checkpoint
 from ember.models.llama import LlamaModel
+from ember.models.qwen3 import Qwen3Model
 
 # architecture -> model class; RWKV joins here as "rwkv".
 MODEL_CLASSES: dict[str, type] = {
     "llama": LlamaModel,
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
+    "qwen3": Qwen3Model,
 }
 
 
