@@ -4,7 +4,7 @@ The model loads in a background thread after the HTTP server is listening
 (so /health can say 503 while loading). Once loaded, the engine's own loop
 thread runs the batched steps; a handler submits a request with
 `await service.submit(request)` (validation and tokenizing happen off the
-event loop) and reads its outputs from a `RequestStream`, fed from the
+event loop) and reads its outputs from a `RequestGroup`, fed from the
 engine thread through `loop.call_soon_threadsafe`. Nothing on the event loop
 touches the model.
 """
@@ -31,45 +31,59 @@ LoadFunction = Callable[[Callable[[int, int], None]], ModelHandle]  # (progress 
 RETRY_AFTER_SECONDS = 5
 
 
-class RequestStream:
-    """One engine request's outputs, read on the event loop in order."""
+class RequestGroup:
+    """The outputs of one HTTP request's engine requests (its `n` choices), read on the event loop.
 
-    def __init__(self, service: EngineService, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    All its requests feed one queue, so a route reads them in the order the
+    engine produced them; `choice_of[request_id]` says which choice an output
+    belongs to.
+    """
+
+    def __init__(
+        self, service: EngineService, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop
+    ):
         self.service = service
-        self.request = request
-        self.request_id = request.request_id
+        self.requests = requests
+        self.choice_of = {request.request_id: index for index, request in enumerate(requests)}
         self.loop = loop
         self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self.sequence = None
-        self.finished = False
+        self.sequences: list = []
+        self.unfinished = set(self.choice_of)
         self.submitted_at = time.perf_counter()
-        self._last_token_at: float | None = None
+        self._last_token_at: dict[str, float] = {}
         self._getter: asyncio.Task | None = None
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
 
     def on_output(self, output: StepOutput) -> None:
         """Called on the engine thread: quick, never blocks."""
         metrics = self.service.metrics
         now = time.perf_counter()
         if output.token_id is not None:
-            if self._last_token_at is None:
+            last = self._last_token_at.get(output.request_id)
+            if last is None:
                 metrics.time_to_first_token.observe(now - self.submitted_at)
             else:
-                metrics.inter_token_latency.observe(now - self._last_token_at)
-            self._last_token_at = now
+                metrics.inter_token_latency.observe(now - last)
+            self._last_token_at[output.request_id] = now
             engine = self.service.engine
             if engine is not None:
                 metrics.decode_batch_size.observe(max(len(engine.running), 1))
         if output.finished:
-            self.service._active.pop(self.request_id, None)
+            self.service._request_finished(output.request_id)
             metrics.finished.labels(output.finish_reason).inc()
             metrics.generated_tokens.inc(output.num_generated_tokens)
+            if output.num_cached_tokens:
+                metrics.cached_prompt_tokens.inc(output.num_cached_tokens)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
         except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
             pass
 
     async def next(self, timeout: float | None = None) -> StepOutput | None:
-        """The next output, or None when `timeout` seconds pass first (the wait can be resumed)."""
+        """The next output of any choice, or None when `timeout` seconds pass first (resumable)."""
         if self._getter is None:
             self._getter = asyncio.ensure_future(self.queue.get())
         done, _ = await asyncio.wait([self._getter], timeout=timeout)
@@ -78,20 +92,30 @@ class RequestStream:
         output = self._getter.result()
         self._getter = None
         if output.finished:
-            self.finished = True
+            self.unfinished.discard(output.request_id)
         return output
 
-    async def first(self, queue_timeout: float) -> StepOutput:
-        """The first output; 503 with Retry-After if the request is still queued after `queue_timeout`."""
+    async def first_outputs(self, queue_timeout: float, is_disconnected=None) -> list[StepOutput]:
+        """Outputs until every choice has produced one (its first token, or its end).
+
+        A request still queued after `queue_timeout` seconds is a 503 with
+        Retry-After (all its choices aborted); `is_disconnected` (async, optional)
+        is polled so a client that leaves while queued frees its place.
+        """
         deadline = self.submitted_at + queue_timeout
-        while True:
-            output = await self.next(timeout=max(0.05, min(1.0, deadline - time.perf_counter())))
+        seen: set[str] = set()
+        outputs: list[StepOutput] = []
+        while len(seen) < len(self.requests):
+            output = await self.next(timeout=max(0.05, min(0.5, deadline - time.perf_counter())))
             if output is not None:
-                return output
-            waiting = (
-                self.sequence is None or getattr(self.sequence, "status", None) is SequenceStatus.WAITING
-            )
-            if waiting and time.perf_counter() >= deadline:
+                seen.add(output.request_id)
+                outputs.append(output)
+                continue
+            if is_disconnected is not None and await is_disconnected():
+                self.abort()
+                raise ClientGone
+            queued = any(getattr(s, "status", None) is SequenceStatus.WAITING for s in self.sequences)
+            if queued and time.perf_counter() >= deadline:
                 self.abort()
                 self.service.metrics.queue_timeouts.inc()
                 raise ApiError(
@@ -100,17 +124,22 @@ class RequestStream:
                     code="queue_timeout",
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
+        return outputs
 
     def abort(self) -> None:
-        """Stop the request (client gone, or the server drains); its final output still arrives."""
-        if not self.finished:
-            self.service.abort(self.request_id)
+        """Stop every unfinished choice (client gone, server draining); final outputs still arrive."""
+        for request_id in list(self.unfinished):
+            self.service.abort(request_id)
 
     def close(self) -> None:
         self.abort()
         if self._getter is not None:
             self._getter.cancel()
             self._getter = None
+
+
+class ClientGone(Exception):
+    """The client disconnected; its requests are aborted and nothing is sent."""
 
 
 class EngineService:
@@ -136,7 +165,7 @@ class EngineService:
         self.load_progress: tuple[int, int] = (0, 0)
         self.loaded = threading.Event()
         self.draining = False
-        self._active: dict[str, RequestStream] = {}
+        self._active: dict[str, RequestGroup] = {}  # by engine request id, until its final output
         self._step_loop: StepLoop | None = None
         self._thread: threading.Thread | None = None
         self.on_loaded: Callable[[EngineService], None] | None = None  # after loading, on the load thread
@@ -203,18 +232,36 @@ class EngineService:
 
     # ------------------------------------------------------------ requests
 
-    async def submit(self, request: GenerationRequest) -> RequestStream:
-        """Queue a request in the engine; raises EmberError (bad request) before anything is queued."""
+    async def submit(self, requests: list[GenerationRequest]) -> RequestGroup:
+        """Queue requests in the engine (all or none); raises EmberError for a bad one, queueing nothing."""
         self.require_ready()
-        stream = RequestStream(self, request, asyncio.get_running_loop())
-        self._active[request.request_id] = stream
+        group = RequestGroup(self, requests, asyncio.get_running_loop())
+        for request in requests:
+            self._active[request.request_id] = group
         try:
-            stream.sequence = await asyncio.to_thread(self._add_request, request, stream.on_output)
+            group.sequences = await asyncio.to_thread(self._add_requests, requests, group.on_output)
         except BaseException:
-            self._active.pop(request.request_id, None)
+            for request in requests:
+                self._active.pop(request.request_id, None)
             raise
-        self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-        return stream
+        self.metrics.prompt_tokens.inc(len(requests[0].prompt_token_ids))
+        return group
+
+    def _add_requests(
+        self, requests: list[GenerationRequest], on_output: Callable[[StepOutput], None]
+    ) -> list:
+        sequences = []
+        try:
+            for request in requests:
+                sequences.append(self._add_request(request, on_output))
+        except BaseException:
+            for request in requests[: len(sequences)]:
+                self.abort(request.request_id)
+            raise
+        return sequences
+
+    def _request_finished(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
 
     def _add_request(self, request: GenerationRequest, on_output: Callable[[StepOutput], None]):
         if self._step_loop is not None:

@@ -1,5 +1,437 @@
-"""Placeholder while the OpenAI routes are written."""
+"""`POST /v1/chat/completions` and `POST /v1/completions`, streamed (SSE) or not.
 
-from fastapi import APIRouter
+A route validates the body, renders and tokenizes the prompt off the event
+loop, submits `n` engine requests and waits for every choice's first output
+before answering: a failure up to then (a full queue, an engine error) is a
+proper HTTP error, never a broken stream. A client that disconnects aborts
+its requests, which frees their cache within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ember.handle import ModelHandle
+from ember.server.engine_service import ClientGone, RequestGroup
+from ember.server.errors import ApiError, error_body
+from ember.server.generation import (
+    Choice,
+    LogprobEntry,
+    check_common_fields,
+    new_id,
+    resolve_max_tokens,
+    start_choices,
+    usage,
+)
+from ember.server.model_names import check_model_name
+from ember.server.prompts import message_dicts, render_chat_prompt
+from ember.server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+)
+from ember.server.structured_hook import plan_structured_output
 
 router = APIRouter()
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
+}
+RESPONSES[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_SECONDS = 0.5
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    )
+    return f"data: {data}\n\n"
+
+
+class ChatFormat:
+    """The shapes of chat.completion and chat.completion.chunk."""
+
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, response_id: str, model: str, plan: Any):
+        self.response_id = response_id
+        self.model = model
+        self.created = int(time.time())
+        self.plan = plan
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        chunk = {
+            "id": self.response_id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def opening_chunks(self, choices: list[Choice], include_usage: bool) -> list[dict[str, Any]]:
+        return [
+            self._chunk(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+                include_usage,
+            )
+            for c in choices
+        ]
+
+    def delta_chunks(
+        self, choice: Choice, text: str, entries: list[LogprobEntry], include_usage: bool
+    ) -> list[dict[str, Any]]:
+        logprobs = (
+            {"content": [_chat_logprob(entry) for entry in entries], "refusal": None} if entries else None
+        )
+        if choice.stream_parser is not None:
+            deltas = choice.stream_parser.feed(text) if text else []
+        else:
+            deltas = [{"content": text}] if text else []
+        if not deltas and logprobs is not None:
+            deltas = [{"content": ""}]
+        chunks = []
+        for number, delta in enumerate(deltas):
+            chunks.append(
+                self._chunk(
+                    [
+                        {
+                            "index": choice.index,
+                            "delta": delta,
+                            "logprobs": logprobs if number == 0 else None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    include_usage,
+                )
+            )
+        return chunks
+
+    def closing_chunks(self, choice: Choice, include_usage: bool) -> list[dict[str, Any]]:
+        finish_reason = choice.finish_reason
+        chunks = []
+        if choice.stream_parser is not None:
+            for delta in choice.stream_parser.finish():
+                chunks.append(
+                    self._chunk(
+                        [{"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": None}],
+                        include_usage,
+                    )
+                )
+            finish_reason = getattr(choice.stream_parser, "finish_reason", None) or finish_reason
+        chunks.append(
+            self._chunk(
+                [{"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}],
+                include_usage,
+            )
+        )
+        return chunks
+
+    def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
+        chunk = self._chunk([], include_usage=False)
+        chunk["usage"] = usage(choices)
+        return chunk
+
+    def response(self, choices: list[Choice]) -> dict[str, Any]:
+        results = []
+        for choice in choices:
+            message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+            finish_reason = choice.finish_reason
+            if self.plan is not None and hasattr(self.plan, "parse_reply"):
+                parsed = dict(self.plan.parse_reply(choice.text, finish_reason))
+                finish_reason = parsed.pop("finish_reason", None) or finish_reason
+                message.update(parsed)
+            results.append(
+                {
+                    "index": choice.index,
+                    "message": message,
+                    "logprobs": {"content": [_chat_logprob(e) for e in choice.logprobs], "refusal": None}
+                    if choice.with_logprobs
+                    else None,
+                    "finish_reason": finish_reason,
+                }
+            )
+        return {
+            "id": self.response_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": results,
+            "usage": usage(choices),
+        }
+
+
+class CompletionFormat(ChatFormat):
+    """The shapes of text_completion (streamed and not)."""
+
+    object_name = "text_completion"
+
+    def __init__(self, response_id: str, model: str, plan: Any, echo_text: str | None):
+        super().__init__(response_id, model, plan)
+        self.echo_text = echo_text
+
+    def _choice(self, index: int, text: str, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def opening_chunks(self, choices: list[Choice], include_usage: bool) -> list[dict[str, Any]]:
+        if not self.echo_text:
+            return []
+        return [
+            self._chunk([self._choice(c.index, self.echo_text, None, None)], include_usage) for c in choices
+        ]
+
+    def delta_chunks(
+        self, choice: Choice, text: str, entries: list[LogprobEntry], include_usage: bool
+    ) -> list[dict[str, Any]]:
+        if not text and not entries:
+            return []
+        offset = len(self.echo_text or "") + len(choice.text) - len(text)
+        logprobs = _completion_logprobs(entries, offset) if entries else None
+        return [self._chunk([self._choice(choice.index, text, logprobs, None)], include_usage)]
+
+    def closing_chunks(self, choice: Choice, include_usage: bool) -> list[dict[str, Any]]:
+        return [self._chunk([self._choice(choice.index, "", None, choice.finish_reason)], include_usage)]
+
+    def response(self, choices: list[Choice]) -> dict[str, Any]:
+        prefix = self.echo_text or ""
+        return {
+            "id": self.response_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                self._choice(
+                    c.index,
+                    prefix + c.text,
+                    _completion_logprobs(c.logprobs, len(prefix)) if c.with_logprobs else None,
+                    c.finish_reason,
+                )
+                for c in choices
+            ],
+            "usage": usage(choices),
+        }
+
+
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def _chat_logprob(entry: LogprobEntry) -> dict[str, Any]:
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": _token_bytes(entry.token),
+        "top_logprobs": [
+            {"token": token, "logprob": value, "bytes": _token_bytes(token)} for token, value in entry.top
+        ],
+    }
+
+
+def _completion_logprobs(entries: list[LogprobEntry], start_offset: int) -> dict[str, Any]:
+    offsets, position = [], start_offset
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [dict(entry.top) for entry in entries],
+        "text_offset": offsets,
+    }
+
+
+# ------------------------------------------------------------------ the routes
+
+
+def _prepare(request: Request, body: ChatCompletionRequest | CompletionRequest) -> ModelHandle:
+    handle = request.app.state.service.require_ready()
+    check_model_name(request.app, body.model)
+    check_common_fields(body)
+    return handle
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=RESPONSES)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """A chat reply (or `n` of them) to `messages`, rendered with the model's chat template."""
+    handle = _prepare(request, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs: only allowed with logprobs: true", param="top_logprobs")
+    plan = plan_structured_output(body, handle, "chat")  # the one call into structured output
+    messages = getattr(plan, "messages", None) or message_dicts(body.messages)
+    variables = dict(getattr(plan, "template_variables", None) or {})
+    prompt_ids = await asyncio.to_thread(render_chat_prompt, handle, messages, True, **variables)
+    if body.max_completion_tokens is not None:
+        requested, param = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, param = body.max_tokens, "max_tokens"
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), handle.engine.context_length, param)
+    response_id = new_id("chatcmpl")
+    group, choices = await start_choices(
+        request.app.state.service,
+        handle,
+        body,
+        prompt_ids,
+        max_tokens=max_tokens,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        response_id=response_id,
+        plan=plan,
+    )
+    model = body.model or request.app.state.settings.model_name
+    return await _answer(request, body, group, choices, ChatFormat(response_id, model, plan))
+
+
+@router.post("/v1/completions", response_model=Completion, responses=RESPONSES)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """A continuation of `prompt` (a string or a list of token ids)."""
+    handle = _prepare(request, body)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, "prompt: send one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, list) and not prompt or prompt == "":
+        raise ApiError(400, "prompt: the prompt is empty", param="prompt")
+    if body.suffix:
+        raise ApiError(400, "suffix: not supported", param="suffix")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo: not supported together with logprobs", param="echo")
+    if isinstance(prompt, str):
+        prompt_ids = await asyncio.to_thread(handle.encode, prompt)
+    else:
+        vocab_size = handle.engine.vocab_size
+        bad = [token for token in prompt if not 0 <= token < vocab_size]
+        if bad:
+            raise ApiError(
+                400, f"prompt: token ids must be in [0, {vocab_size}), got {bad[0]}", param="prompt"
+            )
+        prompt_ids = list(prompt)
+    plan = plan_structured_output(body, handle, "completions")  # the one call into structured output
+    context_length = handle.engine.context_length
+    requested = body.max_tokens
+    if requested is None:  # OpenAI's default for completions, where the context leaves room for it
+        requested = max(1, min(COMPLETIONS_DEFAULT_MAX_TOKENS, context_length - len(prompt_ids)))
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), context_length, "max_tokens")
+    echo_text = None
+    if body.echo:
+        echo_text = prompt if isinstance(prompt, str) else await asyncio.to_thread(handle.decode, prompt_ids)
+    response_id = new_id("cmpl")
+    group, choices = await start_choices(
+        request.app.state.service,
+        handle,
+        body,
+        prompt_ids,
+        max_tokens=max_tokens,
+        logprobs=body.logprobs,
+        response_id=response_id,
+        plan=plan,
+    )
+    model = body.model or request.app.state.settings.model_name
+    return await _answer(request, body, group, choices, CompletionFormat(response_id, model, plan, echo_text))
+
+
+async def _answer(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    group: RequestGroup,
+    choices: list[Choice],
+    response_format: ChatFormat,
+) -> Response:
+    service = request.app.state.service
+    try:
+        first = await group.first_outputs(service.queue_timeout, request.is_disconnected)
+        for output in first:
+            if output.finish_reason == "error":
+                raise ApiError(
+                    500, f"generation failed: {output.error or 'unknown error'}", code="engine_error"
+                )
+    except ClientGone:
+        group.close()
+        return Response(status_code=499)
+    except BaseException:
+        group.close()
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _events(group, choices, first, response_format, include_usage),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    try:
+        pending = first
+        while True:
+            for output in pending:
+                choices[group.choice_of[output.request_id]].absorb(output)
+            if group.finished:
+                break
+            output = await group.next(timeout=DISCONNECT_POLL_SECONDS)
+            if output is None:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                pending = []
+            else:
+                pending = [output]
+    finally:
+        group.close()
+    failed = [choice for choice in choices if choice.finish_reason == "error"]
+    if failed:
+        raise ApiError(500, f"generation failed: {failed[0].error or 'unknown error'}", code="engine_error")
+    return JSONResponse(response_format.response(choices))
+
+
+async def _events(
+    group: RequestGroup,
+    choices: list[Choice],
+    first: list,
+    response_format: ChatFormat,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE events: opening chunks, one chunk per text delta, a closing chunk per choice, usage, [DONE]."""
+    try:
+        for chunk in response_format.opening_chunks(choices, include_usage):
+            yield _sse(chunk)
+        pending = first
+        while True:
+            for output in pending:
+                choice = choices[group.choice_of[output.request_id]]
+                text, entries = choice.absorb(output)
+                for chunk in response_format.delta_chunks(choice, text, entries, include_usage):
+                    yield _sse(chunk)
+                if output.finish_reason == "error":
+                    message = f"generation failed: {output.error or 'unknown error'}"
+                    yield _sse(error_body(message, "server_error", None, "engine_error"))
+                elif output.finished:
+                    for chunk in response_format.closing_chunks(choice, include_usage):
+                        yield _sse(chunk)
+            if group.finished:
+                break
+            pending = [await group.next()]
+        if include_usage:
+            yield _sse(response_format.usage_chunk(choices))
+        yield _sse("[DONE]")
+    finally:
+        group.close()
