@@ -1,0 +1,78 @@
+"""How the sessions routes reach their shared state: the app's SessionService, the owner, lookups.
+
+Every lookup is by exact id and owner: another user's session and a missing or
+malformed id all answer the same 404.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from fastapi import Depends, FastAPI
+
+from ember.errors import EmberError
+from ember.server.auth import LOCAL_USER, current_user
+from ember.server.errors import ApiError
+from ember.server.session_service import SessionService
+from ember.sessions import Message, NotFoundError, Session
+from ember.sessions.data_dir import default_store_path
+
+_service_lock = threading.Lock()
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def sessions_of(app: FastAPI) -> SessionService:
+    """The app's SessionService, made on first use (opening the store recovers killed replies)."""
+    service = getattr(app.state, "sessions", None)
+    if service is not None:
+        return service
+    with _service_lock:
+        service = getattr(app.state, "sessions", None)
+        if service is None:
+            path = getattr(app.state, "store_path", None) or default_store_path()
+            try:
+                service = SessionService(path, app.state.service)
+            except EmberError as error:
+                raise ApiError(
+                    503, f"the session store is unavailable: {error}", code="store_unavailable"
+                ) from None
+            callbacks = getattr(app.state.service, "drain_callbacks", None)
+            if callbacks is not None:  # SIGTERM: replies in progress are stored as interrupted
+                callbacks.append(service.shutdown)
+            app.state.sessions = service
+    return service
+
+
+def shutdown_sessions(app: FastAPI) -> int:
+    """Stop and store (as interrupted) every reply in progress; for the server's shutdown. Idempotent."""
+    service = getattr(app.state, "sessions", None)
+    return service.shutdown() if service is not None else 0
+
+
+def owner_for(user: str) -> str | None:
+    """The store's owner for an API user: None is the local user (no keys; `ember chat`)."""
+    return None if user == LOCAL_USER else user
+
+
+def session_owner(user: str = Depends(current_user)) -> str | None:
+    return owner_for(user)
+
+
+def find_session(sessions: SessionService, session_id: str, owner: str | None) -> Session:
+    try:
+        return sessions.store.get_owned_session(session_id, owner)
+    except NotFoundError:
+        raise ApiError(
+            404, f"no session with id {session_id!r}", param="session_id", code="not_found"
+        ) from None
+
+
+def find_message(sessions: SessionService, session: Session, message_id: str) -> Message:
+    try:
+        return sessions.store.session_message(session.id, message_id)
+    except NotFoundError:
+        raise ApiError(
+            404, f"no message with id {message_id!r} in this session", param="message_id", code="not_found"
+        ) from None
