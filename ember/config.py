@@ -262,7 +262,9 @@ def _phi3_rope_scaling(raw: dict[str, Any], rope_scaling: dict[str, Any] | None)
 
 def _moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
     return {
-        "num_experts": raw.get("num_experts", 0),
+        "num_experts": raw.get("num_experts")
+        or raw.get("num_local_experts")
+        or 0,  # transformers 5 writes the latter
         "num_experts_per_token": raw.get("num_experts_per_tok", 0),
         "moe_intermediate_size": raw.get("moe_intermediate_size"),
         "normalize_top_k": bool(raw.get("norm_topk_prob", False)),

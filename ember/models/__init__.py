@@ -10,7 +10,10 @@ import torch
 from ember.errors import UnsupportedArchitectureError
 from ember.formats.checkpoint import Checkpoint
 from ember.models.llama import LlamaModel
+from ember.models.phi3 import Phi3Model
 from ember.models.qwen3 import Qwen3Model
+from ember.models.qwen3_moe import Qwen3MoeModel
+from ember.models.rwkv import RWKVModel
 
 # architecture -> model class; RWKV joins here as "rwkv".
 MODEL_CLASSES: dict[str, type] = {
@@ -18,6 +21,9 @@ MODEL_CLASSES: dict[str, type] = {
     "mistral": LlamaModel,
     "qwen2": LlamaModel,
     "qwen3": Qwen3Model,
+    "phi3": Phi3Model,
+    "qwen3_moe": Qwen3MoeModel,
+    "rwkv": RWKVModel,
 }
 
 

@@ -1,0 +1,68 @@
+"""Phi-3 (fused q/k/v and gate/up weights, LongRoPE) against transformers float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ember
+from tests.models_support import (
+    check_against_transformers,
+    make_tiny_model,
+    random_tokens,
+    reference_logits,
+    reference_model,
+)
+
+HEAD_DIM = 16  # hidden 64 / 4 heads
+
+
+def _longrope(original: int) -> dict:
+    generator = torch.Generator().manual_seed(5)
+    short = (1.0 + torch.rand(HEAD_DIM // 2, generator=generator)).tolist()
+    long = (1.0 + 4 * torch.rand(HEAD_DIM // 2, generator=generator)).tolist()
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long}
+
+
+def test_phi3_matches_transformers(tmp_path):
+    folder = make_tiny_model(tmp_path, "Phi3Config")
+    handle = ember.load(folder)
+    assert handle.config.architecture == "phi3"
+    check_against_transformers(folder, handle)
+
+
+def test_phi3_sliding_window_matches_transformers(tmp_path):
+    folder = make_tiny_model(tmp_path, "Phi3Config", sliding_window=8)
+    handle = ember.load(folder)
+    assert handle.config.sliding_window == 8
+    check_against_transformers(folder, handle)
+
+
+def test_phi3_longrope_short_context_matches_transformers(tmp_path):
+    """Within the pretrained length: short factors and the attention factor, prefill and cached decode."""
+    folder = make_tiny_model(
+        tmp_path,
+        "Phi3Config",
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        rope_parameters=_longrope(64),
+    )
+    handle = ember.load(folder)
+    assert handle.config.rope_scaling["rope_type"] == "longrope"
+    check_against_transformers(folder, handle)
+
+
+@pytest.mark.parametrize("length", [24, 40])
+def test_phi3_longrope_long_factors_past_the_original_length(tmp_path, length):
+    """A forward call whose sequence passes `original_max_position_embeddings` (16) uses the long factors."""
+    folder = make_tiny_model(
+        tmp_path,
+        "Phi3Config",
+        max_position_embeddings=128,
+        original_max_position_embeddings=16,
+        rope_parameters=_longrope(16),
+    )
+    tokens = random_tokens(length, seed=6)
+    expected = reference_logits(reference_model(folder), tokens)
+    ours = ember.load(folder).logits(tokens)
+    assert (ours - expected).abs().max().item() < 1e-4
