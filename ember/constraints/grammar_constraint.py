@@ -1,0 +1,78 @@
+"""One sequence's constrained-decoding state: the `TokenConstraint` the engine masks logits with.
+
+An llguidance matcher follows the tokens generated so far through the
+grammar and, before each token, computes (in Rust, without the GIL) a bitmask
+of the tokens that keep the output valid. The engine turns that into a bool
+mask over the model's logits, samples, and reports the token back. The model
+may have more logit rows than the tokenizer has tokens (padding rows): those
+are never allowed.
+"""
+
+from __future__ import annotations
+
+import llguidance
+import numpy as np
+import torch
+
+from ember.errors import EmberError
+
+
+class ConstraintViolationError(EmberError):
+    """The constrained sequence cannot go on (a token outside the mask, or a grammar no token can follow)."""
+
+
+class GrammarConstraint:
+    """`TokenConstraint` (ember/engine/sequence.py) over an llguidance matcher; one per sequence."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, num_tokens: int, kind: str):
+        self._matcher = matcher
+        self._num_tokens = num_tokens  # the tokenizer's vocabulary: bits beyond it are padding
+        self.kind = kind  # "json_schema", "regex", "grammar", "choice": for messages and metrics
+        self._bitmask = np.full(((num_tokens + 31) // 32,), -1, dtype=np.int32)  # (words,) 32 tokens each
+        self._mask_cache: tuple[int, torch.Tensor] | None = None  # (vocab_size, mask) for this position
+
+    def allowed_token_mask(self, vocab_size: int) -> torch.Tensor:
+        """A bool tensor (vocab_size,) of the tokens that keep the output valid; raises when none do."""
+        if self._mask_cache is not None and self._mask_cache[0] == vocab_size:
+            return self._mask_cache[1]
+        self._raise_if_error()
+        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        self._raise_if_error()
+        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")  # (words * 32,) 0/1
+        known = min(vocab_size, self._num_tokens)
+        allowed = np.zeros(vocab_size, dtype=np.bool_)
+        allowed[:known] = bits[:known]
+        if not allowed.any() or (
+            # llguidance marks one token (id 0) when nothing can follow: check it really can.
+            np.count_nonzero(allowed) == 1
+            and self._matcher.validate_tokens([int(np.flatnonzero(allowed)[0])]) == 0
+        ):
+            raise ConstraintViolationError(
+                f"the {self.kind} constraint allows no token here: the model's vocabulary cannot "
+                "spell what it requires next"
+            )
+        mask = torch.from_numpy(allowed)
+        self._mask_cache = (vocab_size, mask)
+        return mask
+
+    def accept_token(self, token_id: int) -> None:
+        """Advance past the sampled token; a token the constraint does not allow is an error."""
+        self._mask_cache = None
+        if not self._matcher.consume_token(int(token_id)):
+            raise ConstraintViolationError(
+                f"token {token_id} breaks the {self.kind} constraint: {self._matcher.get_error()}"
+            )
+
+    @property
+    def is_complete(self) -> bool:
+        """True once the grammar admits no further text (EOS, or e.g. the closing brace of the object)."""
+        return self._matcher.is_stopped() and not self._matcher.is_error()
+
+    @property
+    def is_accepting(self) -> bool:
+        """True when the output so far is a complete match (more may still be allowed, as with `[0-9]+`)."""
+        return self._matcher.is_accepting()
+
+    def _raise_if_error(self) -> None:
+        if self._matcher.is_error():
+            raise ConstraintViolationError(f"the {self.kind} constraint failed: {self._matcher.get_error()}")
