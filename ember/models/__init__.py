@@ -9,6 +9,7 @@ import torch
 
 from ember.errors import UnsupportedArchitectureError
 from ember.formats.checkpoint import Checkpoint
+from ember.models.gemma3 import Gemma3Model
 from ember.models.llama import LlamaModel
 from ember.models.phi3 import Phi3Model
 from ember.models.qwen3 import Qwen3Model
@@ -23,6 +24,7 @@ MODEL_CLASSES: dict[str, type] = {
     "qwen3": Qwen3Model,
     "phi3": Phi3Model,
     "qwen3_moe": Qwen3MoeModel,
+    "gemma3": Gemma3Model,
     "rwkv": RWKVModel,
 }
 
