@@ -9,6 +9,7 @@ sessions API) reuse `ApiError`, `error_body` and `error_response`.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,10 +106,19 @@ def api_error_from_ember_error(error: EmberError) -> ApiError:
     return ApiError(400, str(error))
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|bytes|literal|function-\w+|[\w-]+\[.*\])$")
+
+
+def _field_of(error: dict[str, Any]) -> str | None:
+    """The dotted field name of a pydantic error, without the union-branch tags pydantic adds."""
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    location = [part for part in location if not _TYPE_TAG.match(part)]
+    return ".".join(location) or None
+
+
 def _validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     """One line naming the field from one pydantic error, and the field's name."""
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    field = ".".join(location) or None
+    field = _field_of(error)
     kind = error.get("type", "")
     if kind == "json_invalid":
         detail = error.get("ctx", {}).get("error", "")
@@ -137,8 +147,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = list(error.errors())
         message, field = _validation_message(errors[0]) if errors else ("invalid request", None)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        others = {_field_of(e) for e in errors} - {field}
+        if others:
+            message += f" (and {len(others)} more field{'s' if len(others) > 1 else ''})"
         return JSONResponse(error_body(message, "invalid_request_error", field, "invalid_value"), 400)
 
     @app.exception_handler(StarletteHTTPException)
