@@ -11,6 +11,7 @@ from ember.cli.options import (
     add_model_options,
     add_sampling_options,
     load_model_from_args,
+    notice,
     sampling_params_from_args,
 )
 from ember.cli.progress import prefill_progress
@@ -18,23 +19,47 @@ from ember.errors import EmberError
 
 
 def add_parser(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("generate", help="stream text from a prompt")
+    parser = subcommands.add_parser(
+        "generate",
+        help="stream text from a prompt",
+        description="Stream text from a prompt. A prompt read from stdin loses the one newline "
+        "at its end (the one `echo` adds), so it continues as the same words given as an argument.",
+    )
     parser.add_argument("prompt", nargs="?", help="the prompt ('-' or nothing: read stdin)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--system", default=None, help="system prompt (with --chat)")
+    parser.add_argument("--system", default=None, help="system prompt (needs --chat)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print speed and memory at the end")
     add_model_options(parser)
     add_sampling_options(parser)
     parser.set_defaults(run=run)
 
 
+def read_prompt(argument: str | None) -> str:
+    """The prompt from the command line, or from stdin ('-' or none) without the shell's final newline."""
+    if argument is not None and argument != "-":
+        return _checked_text(argument.encode("utf-8", errors="surrogateescape"))
+    if sys.stdin.isatty():
+        print("(reading the prompt from the terminal; end it with Ctrl-D)", file=sys.stderr, flush=True)
+    text = _checked_text(sys.stdin.buffer.read())
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _checked_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EmberError(f"the input is not valid UTF-8 (at byte {error.start})") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    prompt = args.prompt
-    if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+    if args.system is not None and not args.chat:
+        raise EmberError("--system needs --chat (a system prompt goes into the chat template)")
+    params = sampling_params_from_args(args)  # bad flags fail before the model loads
+    prompt = read_prompt(args.prompt)
     if not prompt:
         raise EmberError("the prompt is empty")
-    params = sampling_params_from_args(args)
     handle = load_model_from_args(args)
     if args.chat:
         from ember.chat_template import ChatTemplate
@@ -43,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}
         ]
         template = ChatTemplate.for_tokenizer(handle.tokenizer)
+        if not template.is_model_template:
+            notice(f"note: {handle.info.path.name} has no chat template; using ChatML")
         # As in chat: bos is added only when the model wants it and the template did not write it.
         prompt_ids = handle.encode(template.render(messages, add_generation_prompt=True))
     else:
@@ -67,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         handle.engine.on_prefill_progress = None
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if final is not None and final.finish_reason == "error":
+        raise EmberError(f"generation failed: {getattr(final, 'error', None) or 'unknown error'}")
     if args.verbose and final is not None:
         finished_at = time.perf_counter()
         computed = final.num_prompt_tokens - final.num_cached_tokens

@@ -1,11 +1,13 @@
 """Progress bars for the waits people notice: loading and long prompt processing.
 
-Bars go to stderr and appear only when a wait lasts more than a moment
-(tqdm's `delay`), so quick runs print nothing extra and piped stdout stays clean.
+Bars go to stderr, only when it is a terminal (a log file would fill with
+redrawn lines), and appear only when a wait lasts more than a moment (tqdm's
+`delay`), so quick runs print nothing extra and piped stdout stays clean.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from tqdm import tqdm
@@ -25,7 +27,12 @@ def prefill_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
         if bar is None or bar.total != total:
             close()
             bar = state["bar"] = tqdm(
-                total=total, desc="prompt", unit="tok", delay=SHOW_AFTER_SECONDS, leave=False
+                total=total,
+                desc="prompt",
+                unit="tok",
+                delay=SHOW_AFTER_SECONDS,
+                leave=False,
+                disable=not on_terminal(),
             )
         bar.update(done - bar.n)  # update() honours tqdm's delay; refresh() would draw at once
         if done >= total:
@@ -47,7 +54,12 @@ def load_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
         bar = state.get("bar")
         if bar is None:
             bar = state["bar"] = tqdm(
-                total=total, desc="loading", unit="layer", delay=SHOW_AFTER_SECONDS, leave=False
+                total=total,
+                desc="loading",
+                unit="layer",
+                delay=SHOW_AFTER_SECONDS,
+                leave=False,
+                disable=not on_terminal(),
             )
         bar.update(done - bar.n)
 
@@ -57,3 +69,11 @@ def load_progress() -> tuple[Callable[[int, int], None], Callable[[], None]]:
             bar.close()
 
     return update, close
+
+
+def on_terminal() -> bool:
+    """Whether stderr, where the bars go, is a terminal (not a pipe or a log file)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False

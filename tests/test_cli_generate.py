@@ -1,0 +1,115 @@
+"""`ember generate` and the CLI's edges: stdin prompts, pipes, --debug anywhere, flag checks, notices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from tests.conftest import REPO_ROOT, STORY_MODEL
+from tests.test_cli import EMBER, assert_one_line_error, run_ember
+
+STORY = ["-m", str(STORY_MODEL)]
+
+
+def run_with_stdin(data: bytes, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*EMBER, *args], input=data, capture_output=True, timeout=120)
+
+
+def test_a_prompt_from_stdin_loses_the_shells_newline():
+    by_argument = run_ember("generate", *STORY, "-t", "0", "-n", "12", "Once upon a time")
+    piped = run_with_stdin(b"Once upon a time\n", "generate", *STORY, "-t", "0", "-n", "12")
+    assert by_argument.returncode == 0 and piped.returncode == 0, piped.stderr
+    assert piped.stdout.decode() == by_argument.stdout
+    dash = run_with_stdin(b"Once upon a time\r\n", "generate", *STORY, "-t", "0", "-n", "12", "-")
+    assert dash.stdout.decode() == by_argument.stdout
+
+
+def test_invalid_utf8_on_stdin_says_where():
+    result = run_with_stdin(b"Once \xff\xfe upon", "generate", *STORY, "-n", "3")
+    text = subprocess.CompletedProcess(result.args, result.returncode, "", result.stderr.decode())
+    assert_one_line_error(text, "the input is not valid UTF-8 (at byte 5)")
+
+
+def test_a_terminal_on_stdin_is_told_the_prompt_is_awaited():
+    child = pexpect.spawn(
+        sys.executable,
+        [*EMBER[1:], "generate", *STORY, "-t", "0", "-n", "8"],
+        cwd=str(REPO_ROOT),
+        env={**os.environ, "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=60,
+    )
+    try:
+        child.expect_exact("reading the prompt from the terminal; end it with Ctrl-D")
+        child.sendline("Once upon a time")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        assert "little" in child.before or len(child.before.split()) > 4, child.before
+    finally:
+        child.close(force=True)
+
+
+def test_debug_is_accepted_after_the_subcommand():
+    result = run_ember("generate", "--debug", "-m", "/nonexistent/model", "x")
+    assert result.returncode == 1
+    assert "unrecognized arguments" not in result.stderr
+    assert "Traceback" in result.stderr and "error: model path" in result.stderr
+
+
+def test_a_closed_pipe_ends_quietly():
+    process = subprocess.Popen(
+        [*EMBER, "generate", *STORY, "-n", "300", "--ignore-eos", "Once upon a time"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert len(process.stdout.read(20)) == 20
+        process.stdout.close()  # as `| head -c 20` does
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert stderr == "", stderr
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--seed", "99999999999999999999999"], "--seed must be in"),
+        (["--seed", "-99999999999999999999999"], "--seed must be in"),
+        (["--cache-memory", "0"], "--cache-memory must be at least 1 MiB, got 0"),
+        (["--cache-memory", "-1"], "--cache-memory must be at least 1 MiB, got -1"),
+        (["--system", "Be brief."], "--system needs --chat"),
+        (["--top-k", "-1"], "--top-k must be >= 0"),
+        (["--temperature", "inf"], "--temperature must be a finite number"),
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(args, fragment):
+    assert_one_line_error(run_ember("generate", *STORY, *args, "Once"), fragment)
+
+
+def test_a_context_length_above_the_models_is_a_notice():
+    result = run_ember("generate", *STORY, "-n", "3", "--context-length", "4096", "Once")
+    assert result.returncode == 0, result.stderr
+    assert "note: --context-length 4096 is more than story supports; using its 512" in result.stderr
+
+
+def test_chat_without_a_model_template_says_chatml_is_used():
+    result = run_ember("generate", *STORY, "--chat", "-n", "3", "Hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("has no chat template; using ChatML") == 1
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(smollm2_gguf):
+    # SmolLM2 takes more than the bars' half-second delay to load and to read a 600-token prompt.
+    prompt = "The quick brown fox jumps over the lazy dog. " * 60
+    result = run_ember("generate", "-m", str(smollm2_gguf), "--device", "cpu", "--chat", "-n", "1", prompt)
+    assert result.returncode == 0, result.stderr
+    assert "loading" not in result.stderr and "%|" not in result.stderr and "\r" not in result.stderr
+    assert "ChatML" not in result.stderr  # SmolLM2 has its own template
