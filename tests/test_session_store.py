@@ -505,7 +505,9 @@ def test_siblings_session_messages_and_removing_a_fresh_branch(store):
 
     edited = store.edit_message(question.id, "Q edited")
     reply = store.start_alternative_reply(session.id)
-    store.remove_branch(edited.id, second.id)  # takes the edit and its reply back
+    updated_at = store.get_session(session.id).updated_at
+    store.remove_branch(edited.id, second.id, updated_at - 5)  # takes the edit and its reply back
+    assert store.get_session(session.id).updated_at == updated_at - 5
     assert contents(store.active_path(session.id)) == ["Q", "A2"]
     with pytest.raises(NotFoundError):
         store.get_message(reply.id)

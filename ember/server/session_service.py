@@ -148,6 +148,7 @@ class SessionService:
 
     def _run(self, reply: Reply, handle: Any, action: ReplyAction) -> None:
         pieces: Iterator[str] | None = None
+        final: dict[str, Any] | None = None
         serial = None if hasattr(handle.engine, "start") else self._serial
         try:
             if serial is not None:
@@ -170,11 +171,11 @@ class SessionService:
                     break  # closing the iterator aborts the request; Chat stores the text as interrupted
             pieces.close()
             pieces = None
-            self._publish_done(reply, chat)
+            final = self._done_event(reply, chat)
         except BaseException as error:  # reported to the listeners, never lost in a thread
             if not isinstance(error, EmberError):
                 log.exception("a session reply failed")
-            self._publish_error(reply, as_api_error(error))
+            final = {**api_error_event(as_api_error(error)), "message_id": reply.message_id}
         finally:
             if pieces is not None:
                 try:
@@ -183,10 +184,18 @@ class SessionService:
                     log.exception("closing a session reply failed")
             if serial is not None and serial.locked():
                 serial.release()
+            # The session is free before the last event goes out: a client that posts
+            # again as soon as it has the answer must not get a 409.
             with self._lock:
+                if final is not None and final["type"] == "error" and not reply.started:
+                    listeners = {reply.initiator} - {None}  # only its requester cares
+                else:
+                    listeners = self._listeners(reply)
                 self._replies.pop(reply.session_id, None)
                 self._claims.discard(reply.session_id)
             reply.finished.set()
+            for listener in listeners:
+                listener.put(final or {"type": "error", "status": 500, "message_id": reply.message_id})
 
     def _listeners(self, reply: Reply) -> set[Listener]:
         """Who hears this reply (call with the lock held)."""
@@ -213,7 +222,7 @@ class SessionService:
         for listener in listeners:
             listener.put(event)
 
-    def _publish_done(self, reply: Reply, chat: Chat) -> None:
+    def _done_event(self, reply: Reply, chat: Chat) -> dict[str, Any]:
         message = self.store.get_message(reply.message_id)
         turn = chat.last_turn
         usage = {
@@ -225,24 +234,11 @@ class SessionService:
             "dropped_messages": turn.dropped_messages,
             "finish_reason": turn.finish_reason or "interrupted",
         }
-        event = {
+        return {
             "type": "done",
             "message": message_json(message, self.store.sibling_ids(reply.session_id)),
             "usage": usage,
         }
-        with self._lock:
-            listeners = self._listeners(reply)
-        for listener in listeners:
-            listener.put(event)
-
-    def _publish_error(self, reply: Reply, error: ApiError) -> None:
-        event = api_error_event(error)
-        event["message_id"] = reply.message_id
-        with self._lock:
-            # Before the reply started only its requester cares; afterwards every watcher does.
-            listeners = self._listeners(reply) if reply.started else {reply.initiator} - {None}
-        for listener in listeners:
-            listener.put(event)
 
     def stop(self, session_id: str) -> Reply | None:
         """Ask the session's reply in progress to end (its text is kept); None when there is none."""

@@ -338,12 +338,12 @@ async def edit_message(
 
     def edit(chat: Chat) -> Any:
         # A sibling of the target becomes the head, then answering the head is a regenerate.
-        head_before = chat.session.head_message_id
+        before = chat.session
         edited = chat.store.edit_message(target.id, content)
         try:
             return chat.regenerate()
-        except BaseException:
-            chat.store.remove_branch(edited.id, head_before)  # the session stays as it was
+        except BaseException:  # the session stays as it was
+            chat.store.remove_branch(edited.id, before.head_message_id, before.updated_at)
             raise
 
     return await _reply_response(request, session, "edit", edit, body.stream)

@@ -37,8 +37,8 @@ def _error(status: int, message: str, code: str | None = None) -> dict[str, Any]
 
 async def _authenticate(websocket: WebSocket) -> str | None:
     user = websocket_user(websocket)
-    if user is not None:
-        return user
+    if user is not None or websocket.query_params.get("token") or websocket.headers.get("authorization"):
+        return user  # a wrong key given up front is refused at once
     try:
         first = json.loads(await asyncio.wait_for(websocket.receive_text(), AUTH_TIMEOUT_SECONDS))
     except (TimeoutError, ValueError, WebSocketDisconnect, KeyError, RuntimeError):

@@ -318,8 +318,8 @@ class SessionStore:
 
     # Moving the head
 
-    def remove_branch(self, message_id: str, head_id: str | None) -> None:
-        """Delete a message and everything under it, and make `head_id` the head again.
+    def remove_branch(self, message_id: str, head_id: str | None, updated_at: float | None = None) -> None:
+        """Delete a message and everything under it; `head_id` is the head again (and `updated_at` the time).
 
         Only for taking back a branch that was just made and could not be answered
         (an edit whose reply failed to start): the session is left as it was before.
@@ -328,6 +328,10 @@ class SessionStore:
             message = queries.read_message(connection, message_id)
             queries.set_head(connection, message.session_id, head_id)
             connection.execute("DELETE FROM messages WHERE id = ?", (message_id,))  # children cascade
+            if updated_at is not None:
+                connection.execute(
+                    "UPDATE sessions SET updated_at = ? WHERE id = ?", (updated_at, message.session_id)
+                )
 
     def set_head(self, session_id: str, message_id: str | None) -> None:
         with self._transaction() as connection:
