@@ -33,7 +33,7 @@ export function renderSidebar(container, { sessions, currentId, query, loading, 
   clear(container);
   if (!sessions.length) {
     const text = loading ? 'Loading chats…' : query ? 'No chats match this search.' : 'No chats yet.';
-    container.append(h('p', { class: 'session-empty' }, text));
+    container.append(h('p', { class: loading ? 'session-empty session-loading' : 'session-empty' }, text));
     return;
   }
   const now = Date.now() / 1000;
