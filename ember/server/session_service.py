@@ -160,7 +160,10 @@ class SessionService:
             reply.message_id = message_id
             reply.text = self.store.get_message(message_id).content
             self._publish_start(reply)
+            metrics = getattr(self.engine_service, "metrics", None)
             for piece in pieces:
+                if metrics is not None:  # the batch this piece's token was decoded in (for /metrics)
+                    metrics.decode_batch_size.observe(max(len(handle.engine.running), 1))
                 with self._lock:
                     reply.text += piece
                     listeners = self._listeners(reply)
@@ -225,6 +228,11 @@ class SessionService:
     def _done_event(self, reply: Reply, chat: Chat) -> dict[str, Any]:
         message = self.store.get_message(reply.message_id)
         turn = chat.last_turn
+        metrics = getattr(self.engine_service, "metrics", None)
+        if metrics is not None:
+            metrics.prompt_tokens.inc(turn.prompt_tokens)
+            metrics.cached_prompt_tokens.inc(turn.reused_tokens)
+            metrics.generated_tokens.inc(turn.generated_tokens)
         usage = {
             "prompt_tokens": turn.prompt_tokens,
             "completion_tokens": turn.generated_tokens,
