@@ -18,7 +18,7 @@ from typing import Any
 
 import llguidance
 
-from ember.constraints.grammar_constraint import GrammarConstraint
+from ember.constraints.grammar_constraint import ConstraintViolationError, GrammarConstraint
 from ember.constraints.tokenizer_bridge import llguidance_tokenizer
 from ember.errors import InvalidRequestError
 
@@ -85,7 +85,7 @@ def constraint_from_options(
         )
     ll_tokenizer = llguidance_tokenizer(tokenizer)
     template = _compiled_matcher(ll_tokenizer, kind, canonical, strict)
-    return GrammarConstraint(template.deep_copy(), ll_tokenizer.vocab_size, kind)
+    return GrammarConstraint(template.deep_copy(), ll_tokenizer.vocab_size, kind, ll_tokenizer.eos_tokens)
 
 
 def compile_cache_size() -> int:
@@ -117,12 +117,24 @@ def _compiled_matcher(
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar_text, log_level=0)
     if matcher.is_error():
         raise InvalidRequestError(f"invalid {_label(kind)}: {_tidy(matcher.get_error())}")
+    _check_first_token(matcher.deep_copy(), ll_tokenizer, kind)
     with _compiled_lock:
         _compiled[key] = (ll_tokenizer, matcher)  # the tokenizer held here keeps id() unique
         _compiled.move_to_end(key)
         while len(_compiled) > CACHE_SIZE:
             _compiled.popitem(last=False)
     return matcher
+
+
+def _check_first_token(probe: llguidance.LLMatcher, ll_tokenizer: llguidance.LLTokenizer, kind: str) -> None:
+    """Refuse a grammar this vocabulary cannot even begin (and warm the lexer for the first mask)."""
+    vocab_size = ll_tokenizer.vocab_size
+    try:
+        GrammarConstraint(probe, vocab_size, kind, ll_tokenizer.eos_tokens).allowed_token_mask(vocab_size)
+    except ConstraintViolationError:
+        raise InvalidRequestError(
+            f"this model cannot produce that {_label(kind)}: its vocabulary has no token that can begin it"
+        ) from None
 
 
 def _grammar_text(kind: str, canonical: str, strict: bool) -> str:
@@ -172,6 +184,6 @@ def _label(kind: str) -> str:
 
 
 def _tidy(message: str) -> str:
-    """llguidance's message on one line (it may append a source excerpt with a caret)."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    return "; ".join(lines[:3]) if lines else "rejected by the grammar engine"
+    """llguidance's message on one line, without the indented source excerpts and carets it adds."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip() and not line[0].isspace()]
+    return "; ".join(lines[:4]) if lines else "rejected by the grammar engine"

@@ -24,8 +24,11 @@ class ConstraintViolationError(EmberError):
 class GrammarConstraint:
     """`TokenConstraint` (ember/engine/sequence.py) over an llguidance matcher; one per sequence."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, num_tokens: int, kind: str):
+    def __init__(
+        self, matcher: llguidance.LLMatcher, num_tokens: int, kind: str, eos_token_ids: list[int] = ()
+    ):
         self._matcher = matcher
+        self._eos_token_ids = frozenset(eos_token_ids)
         self._num_tokens = num_tokens  # the tokenizer's vocabulary: bits beyond it are padding
         self.kind = kind  # "json_schema", "regex", "grammar", "choice": for messages and metrics
         self._bitmask = np.full(((num_tokens + 31) // 32,), -1, dtype=np.int32)  # (words,) 32 tokens each
@@ -43,9 +46,7 @@ class GrammarConstraint:
         allowed = np.zeros(vocab_size, dtype=np.bool_)
         allowed[:known] = bits[:known]
         if not allowed.any() or (
-            # llguidance marks one token (id 0) when nothing can follow: check it really can.
-            np.count_nonzero(allowed) == 1
-            and self._matcher.validate_tokens([int(np.flatnonzero(allowed)[0])]) == 0
+            np.count_nonzero(allowed) == 1 and not self._can_take(int(np.argmax(allowed)))
         ):
             raise ConstraintViolationError(
                 f"the {self.kind} constraint allows no token here: the model's vocabulary cannot "
@@ -59,9 +60,8 @@ class GrammarConstraint:
         """Advance past the sampled token; a token the constraint does not allow is an error."""
         self._mask_cache = None
         if not self._matcher.consume_token(int(token_id)):
-            raise ConstraintViolationError(
-                f"token {token_id} breaks the {self.kind} constraint: {self._matcher.get_error()}"
-            )
+            reason = _first_line(self._matcher.get_error())
+            raise ConstraintViolationError(f"token {token_id} breaks the {self.kind} constraint: {reason}")
 
     @property
     def is_complete(self) -> bool:
@@ -73,6 +73,18 @@ class GrammarConstraint:
         """True when the output so far is a complete match (more may still be allowed, as with `[0-9]+`)."""
         return self._matcher.is_accepting()
 
+    def _can_take(self, token_id: int) -> bool:
+        """Whether a lone allowed token is real: llguidance marks token 0 when nothing can follow."""
+        return token_id in self._eos_token_ids or self._matcher.validate_tokens([token_id]) == 1
+
     def _raise_if_error(self) -> None:
         if self._matcher.is_error():
-            raise ConstraintViolationError(f"the {self.kind} constraint failed: {self._matcher.get_error()}")
+            raise ConstraintViolationError(
+                f"the {self.kind} constraint failed: {_first_line(self._matcher.get_error())}"
+            )
+
+
+def _first_line(message: str) -> str:
+    """llguidance's error without the parser-state dump it appends."""
+    lines = message.strip().splitlines()
+    return lines[0] if lines else "unknown error"
