@@ -82,6 +82,13 @@ class ModelHandle:
                 self.engine.kv_cache.release(old)
         return entry
 
+    def drop_session_cache(self, key: str) -> None:
+        """Forget a conversation's cache entry (its session was deleted) and free its memory."""
+        with self._session_caches_lock:
+            entry = self._session_caches.pop(key, None)
+        if entry is not None and entry.resident and not entry.pinned:
+            self.engine.kv_cache.release(entry)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 

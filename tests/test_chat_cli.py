@@ -29,7 +29,8 @@ from tests.conftest import REPO_ROOT, STORY_MODEL
 
 PROMPT = ">>> "
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
-SESSION_ID = re.compile(r"session ([0-9a-f]{10})")
+SESSION_ID = re.compile(r"session ([0-9a-f]{10,})")
+SAVED_AS = re.compile(r"\(saved as session ([0-9a-f]{10,})\)\n?")
 
 # ------------------------------------------------------------ the parsers
 
@@ -108,7 +109,7 @@ class Terminal:
             cwd=str(REPO_ROOT),
             env=env,
             encoding="utf-8",
-            timeout=30,
+            timeout=120,  # generous: a loaded machine may take a while to load SmolLM2
             dimensions=(40, 1000),  # wide enough that readline never wraps a typed line
         )
         self.banner = self.wait_for_prompt()
@@ -124,6 +125,13 @@ class Terminal:
         screen = self.wait_for_prompt()
         echo = lines[-1]
         return screen.split(echo, 1)[1].strip("\n") if echo in screen else screen
+
+    def first_say(self, *lines: str) -> tuple[str, str]:
+        """Type a new session's first message: (the screen without the saved-as note, the session's id)."""
+        screen = self.say(*lines)
+        saved = SAVED_AS.search(screen)
+        assert saved, screen
+        return SAVED_AS.sub("", screen, count=1), saved.group(1)
 
     def quit(self) -> None:
         self.child.sendline("/quit")
@@ -148,13 +156,12 @@ def open_store(data_dir: Path) -> SessionStore:
 def test_turns_branches_and_settings(tmp_path):
     terminal = Terminal(tmp_path, "--temperature", "0", "--max-tokens", "30")
     assert "story" in terminal.banner and "new session" in terminal.banner
-    session_id = SESSION_ID.search(terminal.banner).group(1)
 
     help_screen = terminal.say("/help")
     for name in COMMANDS:
         assert f"/{name}" in help_screen
 
-    first = terminal.say("Once upon a time there was a little dog.")
+    first, session_id = terminal.first_say("Once upon a time there was a little dog.")
     assert len(first.split()) >= 3
     assert "rolled back" in terminal.say("/undo")
     assert terminal.say("Once upon a time there was a little dog.") == first  # greedy: the same answer
@@ -198,17 +205,21 @@ def test_turns_branches_and_settings(tmp_path):
         ]
 
 
-def wait_for_reply_text(terminal: Terminal, message: str) -> None:
-    """Type a message and return once the reply has started to appear."""
+def wait_for_reply_text(terminal: Terminal, message: str, first: bool = False) -> str | None:
+    """Type a message and return once the reply has started to appear (a first one: the new session's id)."""
     terminal.child.sendline(message)
     terminal.child.expect_exact(message)
+    session_id = None
+    if first:
+        terminal.child.expect(SAVED_AS)
+        session_id = terminal.child.match.group(1)
     terminal.child.expect(r"\w+ \w+ \w+")
+    return session_id
 
 
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(tmp_path):
     terminal = Terminal(tmp_path, "--temperature", "0", "--max-tokens", "400", "--ignore-eos")
-    session_id = SESSION_ID.search(terminal.banner).group(1)
-    wait_for_reply_text(terminal, "Once upon a time there was a big dragon.")
+    session_id = wait_for_reply_text(terminal, "Once upon a time there was a big dragon.", first=True)
     terminal.child.send("\x03")
     terminal.child.expect_exact("[interrupted]")
     terminal.wait_for_prompt()
@@ -237,9 +248,7 @@ def test_sessions_multi_line_generation_and_export(tmp_path):
     terminal = Terminal(
         tmp_path, "--temperature", "0", "--max-tokens", "24", "--ignore-eos", "--title", "Cats"
     )
-    first_id = SESSION_ID.search(terminal.banner).group(1)
-
-    terminal.say("Tell me a story \\", "about a cat.")
+    _, first_id = terminal.first_say("Tell me a story \\", "about a cat.")
     block = terminal.say('"""', "line one", "/not a command", '"""')
     assert "error" not in block and block.strip()
 
@@ -258,9 +267,9 @@ def test_sessions_multi_line_generation_and_export(tmp_path):
     terminal.say(f"/export {tmp_path / 'chat.md'}")
     assert "(JSON)" in terminal.say(f"/export {tmp_path / 'chat.json'}")
 
-    second_id = SESSION_ID.search(terminal.say("/new Dogs")).group(1)
+    assert "new session" in terminal.say("/new Dogs")
+    _, second_id = terminal.first_say("Tell me about a dog.")
     assert second_id != first_id
-    terminal.say("Tell me about a dog.")
     listing = terminal.say("/sessions")
     rows = {
         session: line for session in (first_id, second_id) for line in listing.splitlines() if session in line
@@ -308,11 +317,10 @@ def test_killed_during_a_reply_keeps_every_session(tmp_path, smollm2_gguf):
     terminal = Terminal(
         tmp_path, "--temperature", "0", "--max-tokens", "30", "--title", "Sums", model=smollm2_gguf
     )
-    first_id = SESSION_ID.search(terminal.banner).group(1)
-    terminal.say("What is 2 + 2?")
-    second_id = SESSION_ID.search(terminal.say("/new Moon")).group(1)
+    _, first_id = terminal.first_say("What is 2 + 2?")
+    terminal.say("/new Moon")
     terminal.say("/set max_tokens=3000 ignore_eos=true")
-    wait_for_reply_text(terminal, "Tell me a long story about the moon.")
+    second_id = wait_for_reply_text(terminal, "Tell me a long story about the moon.", first=True)
     deadline = time.monotonic() + 30
     while not streaming_text(tmp_path, second_id) and time.monotonic() < deadline:
         time.sleep(0.1)  # the store sees a streaming reply's text every half second
@@ -345,10 +353,13 @@ def test_a_long_conversation_keeps_answering_with_its_system_prompt(tmp_path):
     terminal = Terminal(
         tmp_path, "--context-length", "160", "--max-tokens", "32", "--temperature", "0", "--system", system
     )
-    session_id = SESSION_ID.search(terminal.banner).group(1)
     notices = 0
+    session_id = None
     for part in range(5):
         screen = terminal.say(f"Tell me part {part} of the story about the brave little fox.")
+        if session_id is None:
+            session_id = SAVED_AS.search(screen).group(1)
+            screen = SAVED_AS.sub("", screen)
         reply, _, notice = screen.partition("note: ")
         assert reply.strip() and "error" not in screen
         notices += "oldest message(s) were left out to fit the 160-token context" in notice

@@ -112,6 +112,8 @@ def read_message(first_line: str, read_more: Callable[[], str]) -> tuple[str, bo
     A line ending in a backslash goes on to the next; a line of PASTE_FENCE opens a block
     that the next one closes. A paste may arrive as one line holding newlines (readline's
     bracketed paste): its lines are read first, and an unfenced paste is one message.
+    Ctrl-D (EOFError from `read_more`) inside a block or after a backslash ends the
+    message there: what was typed is kept, never lost with the program.
     """
     queued = first_line.split("\n")
 
@@ -121,13 +123,19 @@ def read_message(first_line: str, read_more: Callable[[], str]) -> tuple[str, bo
     line = next_line()
     if line.strip() == PASTE_FENCE:
         lines = []
-        while (line := next_line()).strip() != PASTE_FENCE:
-            lines.append(line)
+        try:
+            while (line := next_line()).strip() != PASTE_FENCE:
+                lines.append(line)
+        except EOFError:
+            pass
         return "\n".join(lines), True
     lines = [line]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(next_line())
+        try:
+            lines.append(next_line())
+        except EOFError:
+            break
     return "\n".join(lines + queued), bool(queued)
 
 

@@ -10,9 +10,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.errors import EmberError, InvalidRequestError
+from ember.cli.chat_draft import DraftChat
+from ember.errors import ContextOverflowError, EmberError, InvalidRequestError
 
 if TYPE_CHECKING:
     from ember.chat import Chat
@@ -47,7 +49,7 @@ def parse_command(line: str) -> tuple[Command, str] | None:
         return None
     name, _, argument = stripped[1:].partition(" ")
     name = COMMAND_ALIASES.get(name.lower(), name.lower())
-    command = COMMANDS.get(name)
+    command = COMMANDS.get(name) or UNLISTED_COMMANDS.get(name)
     if command is None:
         raise InvalidRequestError(
             f"unknown command /{name} (type /help; start with // to send a '/' message)"
@@ -59,7 +61,17 @@ def parse_command(line: str) -> tuple[Command, str] | None:
 
 
 class StopOnInterrupt:
-    """During a reply, the first Ctrl-C asks it to stop at the next token; a second one stops at once."""
+    """During a reply, the first Ctrl-C stops it cleanly; a second one stops at once.
+
+    With `stop` (`Chat.stop`, which ends the reply in progress within one engine
+    step, a long prompt's processing included) the first Ctrl-C calls it; without
+    one it stops at the next token, or at once while no token has come yet (the
+    prompt is still being read and no next token is near).
+    """
+
+    def __init__(self, stop: Callable[[], None] | None = None):
+        self.stop = stop
+        self.received = False  # set by the reader once a piece of the reply has arrived
 
     def __enter__(self) -> StopOnInterrupt:
         self.requested = False
@@ -73,6 +85,10 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.stop is not None:
+            self.stop()
+        elif not self.received:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc_info: object) -> None:
         if self.previous is not None:
@@ -103,7 +119,12 @@ class ChatRepl:
 
     def show_session(self, heading: str) -> None:
         session = self.chat.session
-        print(f'{heading} {session.id} "{session.title or "untitled"}", {session.message_count} messages')
+        if isinstance(self.chat, DraftChat):
+            title = f' "{session.title}"' if session.title else ""
+            print(f"{heading}{title} (saved with its first message)")
+        else:
+            print(f'{heading} {session.id} "{session.title or "untitled"}", {session.message_count} messages')
+            self.note_model_change()
         if session.system_prompt:
             self.note(f"system: {session.system_prompt}")
         history = self.chat.history
@@ -111,6 +132,19 @@ class ChatRepl:
             self.note(f"({len(history) - RESUME_SHOWN_MESSAGES} earlier messages; /history shows all)")
         for message in history[-RESUME_SHOWN_MESSAGES:]:
             self.show_message(message)
+
+    def note_model_change(self) -> None:
+        """Say so when the session was written with another model than the one answering now."""
+        written_with = self.chat.session.model
+        answering = str(self.chat.model.info.path)
+        if not written_with or written_with == answering:
+            return
+        before, now = Path(written_with), Path(answering)
+        if before.name == now.name:
+            before, now = written_with, answering  # same file name: the paths tell them apart
+        else:
+            before, now = before.name, now.name
+        self.note(f"note: this session was written with {before}; {now} answers now")
 
     def stream(self, pieces: Iterator[str]) -> str:
         """Print a reply as it arrives; Ctrl-C stops it (the text so far is kept)."""
@@ -129,8 +163,9 @@ class ChatRepl:
         engine.on_prefill_progress = update_when_slow
         text, interrupted = "", False
         try:
-            with StopOnInterrupt() as interrupt:
+            with StopOnInterrupt(getattr(self.chat, "stop", None)) as interrupt:
                 for piece in pieces:
+                    interrupt.received = True
                     close_progress()
                     sys.stdout.write(piece)
                     sys.stdout.flush()
@@ -178,12 +213,30 @@ class ChatRepl:
     def read_line(self, prompt: str) -> str:
         return input(prompt)
 
+    def read_continuation(self) -> str:
+        """The next line of a multi-line message; Ctrl-D there ends the message (it does not quit)."""
+        try:
+            return self.read_line(CONTINUATION_PROMPT)
+        except EOFError:
+            print()
+            self.note("(Ctrl-D ended the message)")
+            raise
+
+    def confirm(self, question: str) -> bool:
+        """A yes/no question; anything but y/yes (Ctrl-D, Ctrl-C included) is no."""
+        try:
+            answer = self.read_line(f"{question} [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
     def loop(self) -> None:
         pending_interrupt = False
         while self.running:
             try:
                 line = self.read_line(PROMPT)
-                text, is_block = read_message(line, lambda: self.read_line(CONTINUATION_PROMPT))
+                text, is_block = read_message(line, self.read_continuation)
             except EOFError:
                 print()
                 return
@@ -219,10 +272,40 @@ class ChatRepl:
             print(f"error: {type(error).__name__}: {error} (run with --debug for the traceback)", flush=True)
 
     def send(self, text: str) -> None:
-        pieces = self.chat.send(text)
+        created = None
+        if isinstance(self.chat, DraftChat):  # the session is stored with its first message
+            if not text.strip():
+                raise InvalidRequestError("the message is empty")
+            created = self.chat.create()
+        chat = created or self.chat
+        try:
+            pieces = chat.send(text)
+        except ContextOverflowError as error:
+            if created is not None:
+                created.store.delete_session(created.session_id)
+            raise self._overflow(error, chat.session.system_prompt) from None
+        except BaseException:
+            if created is not None:
+                created.store.delete_session(created.session_id)
+            raise
+        if created is not None:
+            self.chat = created
+            self.note(f"(saved as session {created.session_id})")
         if not self.chat.session.title:
             self.chat.set_title(title_from(text))
         self.reply(lambda: pieces)
+
+    @staticmethod
+    def _overflow(error: ContextOverflowError, system_prompt: str | None) -> ContextOverflowError:
+        """The over-long message's error, mentioning a system prompt only when there is one."""
+        if system_prompt or not error.num_prompt_tokens:
+            return error
+        return ContextOverflowError(
+            f"the message needs {error.num_prompt_tokens} tokens, but the context holds "
+            f"{error.context_length} (and the answer needs room)",
+            num_prompt_tokens=error.num_prompt_tokens,
+            context_length=error.context_length,
+        )
 
     # ---- command handlers (one per entry of COMMANDS)
 
@@ -236,9 +319,7 @@ class ChatRepl:
         )
 
     def do_new(self, argument: str) -> None:
-        from ember.chat import Chat
-
-        self.chat = Chat(
+        self.chat = DraftChat(
             self.chat.model,
             self.chat.store,
             system_prompt=self.args.system,
@@ -252,7 +333,7 @@ class ChatRepl:
         sessions = self.chat.store.list_sessions()
         print(f"  {'id':<10}  {'messages':>8}  {'updated':<16}  title")
         for session in sessions:
-            mark = "*" if session.id == self.chat.session_id else " "
+            mark = "*" if session.id == self.chat.session_id else " "  # a draft (None) is not listed
             updated = datetime.fromtimestamp(session.updated_at).strftime("%Y-%m-%d %H:%M")
             print(
                 f"{mark} {session.id:<10}  {session.message_count:>8}  {updated:<16}  {session.title or ''}"
@@ -266,6 +347,24 @@ class ChatRepl:
         self.chat = Chat(self.chat.model, self.chat.store, session_id=argument)
         self.free_generation = None
         self.show_session("switched to session")
+
+    def do_delete(self, argument: str) -> None:
+        """'/delete' deletes the current session, '/delete ID' another; both ask first."""
+        store = self.chat.store
+        if not argument and isinstance(self.chat, DraftChat):
+            raise InvalidRequestError("this session is not saved yet (it is saved with its first message)")
+        session = store.get_session(argument or self.chat.session_id)
+        title = f' "{session.title}"' if session.title else ""
+        if not self.confirm(f"delete session {session.id}{title} ({session.message_count} messages)?"):
+            self.note("(not deleted)")
+            return
+        store.delete_session(session.id)
+        drop = getattr(self.chat.model, "drop_session_cache", None)
+        if drop is not None:
+            drop(session.id)
+        self.note(f"(deleted session {session.id})")
+        if session.id == self.chat.session_id:
+            self.do_new("")
 
     def do_title(self, argument: str) -> None:
         if argument:
@@ -379,12 +478,32 @@ class ChatRepl:
         self.chat.reset()
         self.note("(started over; the earlier conversation stays in the store)")
 
-    def do_export(self, argument: str) -> None:
+    def do_export(self, argument: str, overwrite: bool = False) -> None:
+        """'/export FILE' asks before replacing a file; '/export! FILE' replaces it without asking.
+
+        The session store and its SQLite files are never written over.
+        """
+        from ember.sessions.export import ExportExistsError, write_export
+
         if not argument:
             raise InvalidRequestError("usage: /export FILE (FILE.json for JSON, else Markdown)")
-        path = self.chat.store.export_to_file(self.chat.session_id, argument)
+        if isinstance(self.chat, DraftChat):
+            raise InvalidRequestError("there is nothing to export yet (no messages)")
+        store = self.chat.store
+        session, messages = store.get_session(self.chat.session_id), self.chat.history
+        protected = (store.path,)
+        try:
+            path = write_export(session, messages, argument, overwrite=overwrite, protected_paths=protected)
+        except ExportExistsError as error:
+            if not self.confirm(f"{error.path} exists; replace it?"):
+                self.note("(not exported)")
+                return
+            path = write_export(session, messages, argument, overwrite=True, protected_paths=protected)
         kind = "JSON" if path.suffix.lower() == ".json" else "Markdown"
-        print(f"exported {len(self.chat.history)} messages to {path} ({kind})")
+        print(f"exported {len(messages)} messages to {path} ({kind})")
+
+    def do_export_replacing(self, argument: str) -> None:
+        self.do_export(argument, overwrite=True)
 
     def do_quit(self, argument: str) -> None:
         self.running = False
@@ -397,6 +516,7 @@ COMMANDS: dict[str, Command] = {
         Command("new", "[TITLE]", "start a new session", ChatRepl.do_new),
         Command("sessions", "", "list sessions (* marks the current one)", ChatRepl.do_sessions),
         Command("switch", "ID", "go to another session (an id prefix works)", ChatRepl.do_switch),
+        Command("delete", "[ID]", "delete this session (or session ID), after asking", ChatRepl.do_delete),
         Command("title", "[TEXT]", "show or set the session's title", ChatRepl.do_title),
         Command("system", "[TEXT|-]", "show, set or (-) clear the system prompt", ChatRepl.do_system),
         Command("history", "", "show the whole conversation", ChatRepl.do_history),
@@ -409,9 +529,16 @@ COMMANDS: dict[str, Command] = {
         Command("continue", "", "let the model keep writing its last answer (or /gen)", ChatRepl.do_continue),
         Command("reset", "", "start the conversation over (kept in the store)", ChatRepl.do_reset),
         Command(
-            "export", "FILE", "write the conversation to FILE (.md Markdown, .json JSON)", ChatRepl.do_export
+            "export",
+            "FILE",
+            "write the conversation to FILE (.md Markdown, .json JSON); /export! FILE replaces one",
+            ChatRepl.do_export,
         ),
         Command("quit", "", "leave (Ctrl-D too)", ChatRepl.do_quit),
     )
+}
+# Variants that /help describes under another command's line.
+UNLISTED_COMMANDS: dict[str, Command] = {
+    "export!": Command("export!", "FILE", "export, replacing FILE", ChatRepl.do_export_replacing),
 }
 COMMAND_ALIASES = {"exit": "quit", "q": "quit", "?": "help", "h": "help", "retry": "regen"}

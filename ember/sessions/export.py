@@ -1,6 +1,9 @@
 """Exporting a conversation's active path as Markdown (for people) or JSON (for programs)."""
 
+import contextlib
 import json
+import os
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,13 +70,90 @@ def render_markdown(session: Session, messages: list[Message]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_export(session: Session, messages: list[Message], path: str | Path) -> Path:
-    """Write the export to `path`: JSON when it ends in .json, Markdown otherwise."""
+class ExportExistsError(EmberError):
+    """The export's file exists; it is replaced only when the caller confirms (`overwrite=True`)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} already exists (replacing it needs a confirmation)")
+        self.path = path
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")  # the files SQLite keeps beside a database
+
+
+def write_export(
+    session: Session,
+    messages: list[Message],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    protected_paths: tuple[str | Path, ...] = (),
+) -> Path:
+    """Write the export to `path`: JSON when it ends in .json, Markdown otherwise.
+
+    Never writes over `protected_paths` (the session store) or their SQLite
+    companion files, nor over any SQLite database, whatever `overwrite` says; an
+    existing file is replaced only with `overwrite` (else `ExportExistsError`).
+    The text goes to a temporary file beside the target and is renamed over it,
+    so a failed export leaves the old file (or none) rather than half a file.
+    """
     path = Path(path).expanduser()
     is_json = path.suffix.lower() == ".json"
     text = render_json(session, messages) if is_json else render_markdown(session, messages)
+    target = path.resolve()  # through symlinks: what would really be written
+    _refuse_protected(path, target, protected_paths)
+    if target.is_dir():
+        raise EmberError(f"cannot write export to {path}: it is a directory")
+    existed = target.exists()
+    if existed and not overwrite:
+        raise ExportExistsError(path)
     try:
-        path.write_text(text, encoding="utf-8")
+        _replace_atomically(target, text, existed)
     except OSError as error:
         raise EmberError(f"cannot write export to {path}: {error.strerror or error}") from error
     return path
+
+
+def _refuse_protected(path: Path, target: Path, protected_paths: tuple[str | Path, ...]) -> None:
+    for protected in protected_paths:
+        database = Path(protected).expanduser().resolve()
+        if target in {database, *(Path(f"{database}{suffix}") for suffix in SQLITE_COMPANIONS)}:
+            raise EmberError(f"{path} is the session store (or one of its files); export somewhere else")
+    for suffix in ("", *SQLITE_COMPANIONS):
+        if suffix and not target.name.endswith(suffix):
+            continue
+        database = target.with_name(target.name[: len(target.name) - len(suffix)]) if suffix else target
+        if _is_sqlite_database(database):
+            what = "a SQLite database" if not suffix else f"a file of the SQLite database {database.name}"
+            raise EmberError(f"{path} is {what}; export somewhere else")
+
+
+def _is_sqlite_database(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def _replace_atomically(target: Path, text: str, existed: bool) -> None:
+    """Write `text` to a temporary file in `target`'s folder, then rename it over `target`."""
+    if existed:
+        mode = target.stat().st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
