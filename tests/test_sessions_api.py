@@ -318,8 +318,24 @@ def test_bad_input_is_refused_and_changes_nothing(alice):
     assert messages(alice, fresh["id"]) == []
 
 
-def test_many_sessions_reply_at_once(alice):
-    sessions = [new_session(alice, settings={"temperature": 0, "max_tokens": 12}) for _ in range(4)]
+def decoded_in_batches(client: httpx.Client) -> float:
+    """Tokens /metrics counts as decoded alongside other sequences (batch size above 1)."""
+    counts = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("ember_decode_batch_size_bucket") or line.startswith(
+            "ember_decode_batch_size_count"
+        ):
+            name, value = line.rsplit(" ", 1)
+            counts[name] = float(value)
+    return counts["ember_decode_batch_size_count"] - counts['ember_decode_batch_size_bucket{le="1.0"}']
+
+
+def test_many_sessions_reply_at_once_in_shared_batches(alice):
+    sessions = [
+        new_session(alice, settings={"temperature": 0, "max_tokens": 40, "ignore_eos": True})
+        for _ in range(4)
+    ]
+    batched_before = decoded_in_batches(alice)
     results: dict[str, dict] = {}
 
     def ask(session_id: str) -> None:
@@ -333,4 +349,6 @@ def test_many_sessions_reply_at_once(alice):
         thread.join(timeout=120)
     assert sorted(results) == sorted(s["id"] for s in sessions)
     assert all(result["status"] == "complete" and result["content"] for result in results.values())
+    assert all(result["usage"]["completion_tokens"] == 40 for result in results.values())
+    assert decoded_in_batches(alice) > batched_before
     wait_until(lambda: all(not s["replying"] for s in alice.get("/v1/sessions").json()["data"]))
