@@ -21,6 +21,7 @@ from ember.server.errors import ApiError
 from ember.server.protocol import SamplingFields
 
 DEFAULTS = SamplingParams()
+MIN_TOP_P = 1e-6
 
 
 def new_id(prefix: str) -> str:
@@ -72,7 +73,8 @@ def sampling_params(
     return SamplingParams(
         temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
         top_k=top_k,
-        top_p=DEFAULTS.top_p if body.top_p is None else body.top_p,
+        # A top_p below float32's smallest normal rounds to 0 in the sampler and keeps no token.
+        top_p=DEFAULTS.top_p if body.top_p is None else max(body.top_p, MIN_TOP_P),
         min_p=DEFAULTS.min_p if body.min_p is None else body.min_p,
         repetition_penalty=DEFAULTS.repetition_penalty
         if body.repetition_penalty is None

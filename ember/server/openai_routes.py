@@ -45,7 +45,9 @@ router = APIRouter()
 RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503)
 }
-RESPONSES[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+RESPONSES[200] = {
+    "content": {"text/event-stream": {}}
+}  # with stream: true; chunks documented in docs/SERVER.md
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_SECONDS = 0.5
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

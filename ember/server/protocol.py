@@ -62,7 +62,7 @@ class SamplingFields(RequestModel):
     min_p: float | None = Field(None, ge=0, lt=1, description="ember extension")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="ember extension (HF style)")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10, description="ember extension (HF style)")
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
