@@ -51,7 +51,7 @@ def test_http_and_terminal_sessions_are_the_same_sessions(server, data_dir):
     with server.client() as client:
         session = new_session(client, title="made over HTTP")
         say(client, session["id"], "Hello!")
-        listing = ember_chat(data_dir, "/sessions", title="made in the terminal")
+        listing = ember_chat(data_dir, "/sessions", "Once upon a time", title="made in the terminal")
         assert session["id"] in listing and "made over HTTP" in listing
 
         listed = client.get("/v1/sessions").json()["data"]
