@@ -42,6 +42,10 @@ elements.conversation.addEventListener('scroll', () => {
   following = atEnd();
   elements.jump.hidden = following || !replies.busy();
 });
+// A phone turned sideways, the window resized, the box growing: stay at the end when following.
+new ResizeObserver(() => {
+  if (following) scrollToEnd();
+}).observe(elements.conversation);
 elements.jump.append(icon('down'));
 elements.jump.addEventListener('click', () => {
   following = true;
@@ -250,14 +254,18 @@ function openSidebar() {
   elements.app.classList.add('sidebar-open');
   elements.backdrop.hidden = false;
   $('open-sidebar').setAttribute('aria-expanded', 'true');
-  elements.search.focus();
+  // Focus goes into the drawer (not the search box: on a phone that would pop the keyboard up).
+  const target = elements.list.querySelector('.session.current .session-open') || $('new-chat');
+  setTimeout(() => target.focus(), 0);
 }
 
 function closeSidebar() {
   if (!elements.app.classList.contains('sidebar-open')) return;
+  const hadFocus = elements.sidebar.contains(document.activeElement);
   elements.app.classList.remove('sidebar-open');
   elements.backdrop.hidden = true;
   $('open-sidebar').setAttribute('aria-expanded', 'false');
+  if (hadFocus) $('open-sidebar').focus();
 }
 
 function setupChrome() {

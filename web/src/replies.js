@@ -73,7 +73,7 @@ async function stream({ path, body, prepare, retry, restore = null }) {
   } catch (error) {
     if (!(error.name === 'AbortError' && run.stopped)) {
       if (state.currentId === sessionId) showError(error, retry);
-      if (!run.started && error instanceof api.ApiError && restore) view.restoreDraft(restore);
+      if (!run.started && restore) view.restoreDraft(restore); // never stored: back in the box
     }
   } finally {
     state.streaming = null;
@@ -146,7 +146,7 @@ async function sendNow(text) {
     body: { content: text },
     prepare: (messages) => ({ messages: [...messages, userMessage, reply], target: reply }),
     retry: () => retryAfterSend(sessionId, text),
-    restore: text, // refused before it was stored (too long, say): the text goes back in the box
+    restore: text, // refused before it began (too long, say, or no connection): back in the box
   });
   return true;
 }
