@@ -106,6 +106,7 @@ def test_streamed_turn_then_turn_two_prefills_only_new_tokens(alice):
     assert done["message"]["status"] == "complete"
     first_usage = done["usage"]
     assert first_usage["completion_tokens"] > 0
+    assert first_usage["tokens_per_second"] > 0 and first_usage["finish_reason"] in ("stop", "length")
 
     second = say(alice, session["id"], "And another one?")
     usage = second["usage"]

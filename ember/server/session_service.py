@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,8 @@ class Reply:
     text: str = ""
     chat: Chat | None = None
     started: bool = False
+    first_piece_at: float | None = None  # monotonic times, for the reply's decode rate
+    last_piece_at: float | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -164,6 +167,9 @@ class SessionService:
             for piece in pieces:
                 if metrics is not None:  # the batch this piece's token was decoded in (for /metrics)
                     metrics.decode_batch_size.observe(max(len(handle.engine.running), 1))
+                reply.last_piece_at = time.monotonic()
+                if reply.first_piece_at is None:
+                    reply.first_piece_at = reply.last_piece_at
                 with self._lock:
                     reply.text += piece
                     listeners = self._listeners(reply)
@@ -241,7 +247,12 @@ class SessionService:
             "prefilled_tokens": turn.prefilled_tokens,
             "dropped_messages": turn.dropped_messages,
             "finish_reason": turn.finish_reason or "interrupted",
+            "tokens_per_second": None,
         }
+        if reply.first_piece_at is not None and reply.last_piece_at > reply.first_piece_at:
+            # From the first piece to the last: decode speed, without the wait and the prefill.
+            rate = (turn.generated_tokens - 1) / (reply.last_piece_at - reply.first_piece_at)
+            usage["tokens_per_second"] = round(rate, 1)
         return {
             "type": "done",
             "message": message_json(message, self.store.sibling_ids(reply.session_id)),

@@ -99,6 +99,7 @@ class ReplyUsage(BaseModel):
     prefilled_tokens: int
     dropped_messages: int
     finish_reason: str | None = None
+    tokens_per_second: float | None = None  # decode rate from the first piece to the last
 
 
 class ReplyOut(MessageOut):
