@@ -76,7 +76,8 @@ def decode_tokens_per_second(
     def run() -> float:
         for prompt in prompts:
             engine.add_request(GenerationRequest(prompt, params))
-        engine.step()  # admits and prefills every sequence
+        while len(engine.running) < batch_size and engine.has_unfinished():
+            engine.step()  # admits and prefills every sequence (a chunk budget per step)
         started, produced = time.perf_counter(), 0
         while engine.has_unfinished():
             produced += sum(1 for output in engine.step() if output.token_id is not None)

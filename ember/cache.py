@@ -35,11 +35,17 @@ class CacheEntry:
     slot: int | None = None  # None: not resident (new or evicted)
     pinned: bool = False  # a running request is using it: never evicted
     last_used: int = 0  # logical clock for LRU
+    anonymous: bool = False  # made by the cache for a one-off request: any later prompt may adopt it
 
     @property
     def resident(self) -> bool:
         return self.slot is not None
 
+
+# A new request copies another entry's keys and values when they share at least this many leading
+# tokens (a system prompt, an earlier turn resent by an OpenAI client); shorter matches (a lone BOS)
+# are not worth the bookkeeping.
+MIN_SHARED_PREFIX = 8
 
 # Layout versions are unique across every cache in the process, so one number says which tensors a
 # consumer holding their addresses (a captured CUDA graph, the native decode table) was built for.
@@ -48,6 +54,10 @@ _layout_versions = itertools.count(1)
 
 class CacheFullError(EmberError):
     """Every slot is held by a running request and the budget allows no more."""
+
+
+class CacheEntryBusyError(EmberError):
+    """A cache entry already has a writer (another request is using it)."""
 
 
 class KVCache:
@@ -85,15 +95,54 @@ class KVCache:
 
     # ------------------------------------------------------------ protocol
 
-    def acquire(self, entry: CacheEntry | None = None) -> CacheEntry:
-        """Make `entry` (or a new one) resident and pinned; evicts an idle entry if the budget is full."""
-        entry = entry if entry is not None else CacheEntry()
+    def acquire(
+        self, entry: CacheEntry | None = None, prompt_token_ids: list[int] | None = None
+    ) -> CacheEntry:
+        """Make `entry` (or a new one) resident and pinned; evicts an idle entry if the budget is full.
+
+        A pinned entry has one writer: acquiring it again is refused (two requests on one chat
+        session would write the same slot). Without an entry, `prompt_token_ids` lets the pool start
+        the new one from the resident entry sharing the longest prefix with it: an idle one-off entry
+        is adopted as it is; any other (a session's, a running request's) is copied.
+        """
+        if entry is not None and entry.pinned:
+            raise CacheEntryBusyError("this cache entry is in use by another request")
+        if entry is None and prompt_token_ids is not None:
+            shared = self._adopt_or_copy_prefix(prompt_token_ids)
+            if shared is not None:
+                return shared
+        entry = entry if entry is not None else CacheEntry(anonymous=True)
         if entry.slot is None:
             entry.token_ids = []
             entry.slot = self._free_slot()
             self.entries_by_slot[entry.slot] = entry
         entry.pinned = True
         self.touch(entry)
+        return entry
+
+    def _adopt_or_copy_prefix(self, prompt_token_ids: list[int]) -> CacheEntry | None:
+        source, length = None, 0
+        for candidate in self.entries_by_slot.values():
+            common = self.reusable_prefix(candidate, prompt_token_ids)
+            if common > length or (common == length and source is not None and candidate.anonymous):
+                source, length = candidate, common
+        if source is None or length < MIN_SHARED_PREFIX:
+            return None
+        if source.anonymous and not source.pinned:
+            source.pinned = True
+            self.truncate(source, length)
+            self.touch(source)
+            return source
+        source_pinned = source.pinned
+        source.pinned = True  # finding a free slot must not evict (or move away) the source
+        try:
+            entry = self.acquire()
+        finally:
+            source.pinned = source_pinned
+        for layer in range(self.num_layers):
+            self.keys[layer][entry.slot, :, :length] = self.keys[layer][source.slot, :, :length]
+            self.values[layer][entry.slot, :, :length] = self.values[layer][source.slot, :, :length]
+        entry.token_ids = list(source.token_ids[:length])
         return entry
 
     def release(self, entry: CacheEntry, keep: bool = False) -> None:
@@ -124,6 +173,10 @@ class KVCache:
     def truncate(self, entry: CacheEntry, length: int) -> None:
         """Forget everything after the first `length` tokens (rollback); stale K/V are overwritten later."""
         del entry.token_ids[length:]
+
+    def reserve(self, entry: CacheEntry, length: int) -> None:
+        """Make room for `entry` to hold `length` tokens; raises CacheFullError when the budget cannot."""
+        self.ensure_capacity(length)
 
     def ensure_capacity(self, length: int) -> None:
         """Grow every slot to hold `length` tokens (doubling), evicting idle entries to stay in budget."""

@@ -188,4 +188,4 @@ def test_interleaved_generate_iterators_batch_together_and_match_single_runs(tin
             finished[index] = output.finished
     assert collected == alone
     assert largest_batch == 2  # the two requests decoded in the same steps
-    assert not tiny.engine.has_unfinished() and not tiny.engine._mailboxes
+    assert not tiny.engine.has_unfinished() and not tiny.engine._sinks

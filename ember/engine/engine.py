@@ -1,33 +1,51 @@
 """Requests in, tokens out: the one generation loop every front end drives.
 
-A step admits waiting requests (prefilling each, in chunks, reusing any
-cached prefix), then advances every running sequence by one token in a
-single batched forward call. Each step returns one `StepOutput` per token
-produced; sequences that finish leave the batch and new ones join at the
-next step.
+Each step first advances every running sequence by one token in a single
+batched forward call, then reads waiting prompts, a chunk at a time, up to a
+token budget, so a long prompt arriving never freezes the streams already
+running. A sequence joins `running` once its first token is sampled; finished
+ones leave, new ones join at the next step.
 
-The engine is single-threaded and owns the model and cache: front ends
-either call `generate` (one consumer) or run `step` in one thread and route
-outputs by request id (the server, the batched benchmark).
+Failures stay with the request that caused them: a sampling error, invalid
+logits or an exception in a forward call finishes that sequence with
+finish_reason "error" and a message, and the others go on. A step never
+raises for one request's sake.
+
+Threads: the engine owns the model and the cache, and exactly one thread runs
+a step at a time. `add_request` and `abort` may be called from any thread:
+they are handed to the step through an inbox, never applied while a step
+walks its lists. Outputs reach their request's `on_output` callback from the
+stepping thread. Whoever wants tokens either calls `generate` (from any
+thread; concurrent iterators share batched steps, whichever thread is free
+runs the next one) or starts the engine's own loop thread with `start()` (the
+server), after which `generate` only waits for its outputs.
 """
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
 
-from ember.cache import CacheFullError, KVCache
+from ember.cache import CacheEntryBusyError, CacheFullError, KVCache
 from ember.engine.detokenizer import StreamingDetokenizer
 from ember.engine.sequence import GenerationRequest, Sequence, SequenceStatus, StepOutput
+from ember.engine.stop_strings import end_marker_stop_strings
+from ember.engine.token_choice import TokenChoice, choose_token, greedy_batch_allowed
 from ember.errors import ContextOverflowError, InvalidRequestError
 from ember.models.batch import ForwardBatch
 from ember.sampling import Sampler
 from ember.tokenizer import Tokenizer
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total) during a prefill
+OutputSink = Callable[[StepOutput], None]  # receives a request's outputs, from the stepping thread
+
+log = logging.getLogger("ember.engine")
 
 
 class Engine:
@@ -45,27 +63,34 @@ class Engine:
         self.context_length = self.kv_cache.max_length
         self.vocab_size = model.config.vocab_size
         self.max_batch_size = max_batch_size
+        # At most this many prompt tokens are read per step (and per forward call), so running
+        # streams wait at most one chunk between their tokens.
         self.prefill_chunk_size = prefill_chunk_size
         self.stop_token_ids = frozenset(tokenizer.eos_token_ids)
-        # Some models spell their end marker out as ordinary tokens (TinyStories writes the
-        # text "<|end_story|>"); the marker's text stops generation like the token does.
-        self.stop_token_texts = sorted(
-            {
-                text
-                for text in (tokenizer.decode([i]).strip() for i in tokenizer.eos_token_ids)
-                if len(text) >= 3
-            }
-        )
-        self.waiting: deque[Sequence] = deque()
+        self.stop_token_texts = end_marker_stop_strings(tokenizer)
+        self.waiting: deque[Sequence] = deque()  # admission order; PREFILLING ones at the front
         self.running: list[Sequence] = []
         self.on_prefill_progress: ProgressCallback | None = None
         self.num_preemptions = 0  # running sequences paused because the cache budget ran out
-        self._mailboxes: dict[str, deque[StepOutput]] = {}  # outputs waiting for their generate() iterator
+        self._step_lock = threading.Lock()  # one step at a time, whichever thread runs it
+        self._inbox_lock = threading.Lock()
+        self._work_arrived = threading.Condition(self._inbox_lock)
+        self._incoming: list[Sequence] = []  # added since the last step
+        self._abort_ids: set[str] = set()  # aborts asked for since the last step
+        self._active_ids: set[str] = set()  # requests added and not yet finished
+        self._active_entries: set[int] = set()  # id() of caller-owned cache entries in use
+        self._sinks: dict[str, OutputSink] = {}
+        self._loop_thread: threading.Thread | None = None
+        self._loop_stop = False
 
-    # ------------------------------------------------------------ front-end API
+    # ------------------------------------------------------------ front-end API (any thread)
 
-    def add_request(self, request: GenerationRequest) -> Sequence:
-        """Queue a request; raises ContextOverflowError or InvalidRequestError without changing anything."""
+    def add_request(self, request: GenerationRequest, on_output: OutputSink | None = None) -> Sequence:
+        """Queue a request; raises ContextOverflowError or InvalidRequestError without changing anything.
+
+        `on_output` receives every output of the request (the final one included) from the
+        thread that runs the step: it must be quick and must not block.
+        """
         prompt = request.prompt_token_ids
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
@@ -87,47 +112,60 @@ class Engine:
             extra_stop_strings=[] if params.ignore_eos else self.stop_token_texts,
         )
         sequence.max_tokens = min(params.max_tokens, self.context_length - len(prompt))
-        self.waiting.append(sequence)
+        with self._work_arrived:
+            if request.request_id in self._active_ids:
+                raise InvalidRequestError(f"a request with id {request.request_id!r} is already running")
+            entry = request.cache_entry
+            if entry is not None and (id(entry) in self._active_entries or entry.pinned):
+                raise InvalidRequestError(
+                    "this conversation's cache is in use by another request (one reply at a time)"
+                )
+            self._active_ids.add(request.request_id)
+            if entry is not None:
+                self._active_entries.add(id(entry))
+            if on_output is not None:
+                self._sinks[request.request_id] = on_output
+            self._incoming.append(sequence)
+            self._work_arrived.notify_all()
         return sequence
 
     def abort(self, request_id: str) -> None:
-        """Stop a request at the next step (its output so far stays valid)."""
-        for sequence in [*self.waiting, *self.running]:
-            if sequence.request_id == request_id:
-                sequence.abort_requested = True
+        """End a request at the next step; its final output carries the text held back so far."""
+        with self._work_arrived:
+            if request_id in self._active_ids:
+                self._abort_ids.add(request_id)
+                self._work_arrived.notify_all()
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self._incoming or self.waiting or self.running)
 
     def generate(self, request: GenerationRequest) -> Iterator[StepOutput]:
         """Run one request to completion, yielding its outputs; closing the iterator aborts it.
 
-        Several `generate` iterators alive at once (in one thread) share the
-        steps: whichever advances runs a batched step for all of them, and each
-        output waits in its request's mailbox until its own iterator takes it.
-        Requests queued with `add_request` belong to whoever calls `step()`:
-        do not mix the two styles on one engine.
+        Safe from any thread. Without the engine's loop thread, whichever
+        waiting iterator finds the engine free runs the next step for all of
+        them; with it, iterators only wait for their outputs.
         """
-        sequence = self.add_request(request)
-        mailbox = self._mailboxes[sequence.request_id] = deque()
+        mailbox: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
+        sequence = self.add_request(request, on_output=mailbox.put)
+        finished = False
         try:
-            while True:
-                while mailbox:
-                    output = mailbox.popleft()
-                    if output.finished:  # nothing more will arrive: free the mailbox now
-                        self._mailboxes.pop(sequence.request_id, None)
-                        yield output
-                        return
-                    yield output
-                for output in self.step():
-                    box = self._mailboxes.get(output.request_id)
-                    if box is not None:
-                        box.append(output)
+            while not finished:
+                output = self._next_output(mailbox, sequence)
+                if output is None:
+                    return
+                finished = output.finished
+                yield output
         finally:
-            self._mailboxes.pop(sequence.request_id, None)
-            if sequence.status is not SequenceStatus.FINISHED:
-                self._remove(sequence)
-                self._finish(sequence, "abort")
+            if not finished:
+                self.abort(request.request_id)
+                if not self.loop_running:  # nobody may step again: end it now
+                    with self._step_lock:
+                        outputs: list[StepOutput] = []
+                        try:
+                            self._take_inbox(outputs)
+                        finally:
+                            self._deliver(outputs)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits (positions, vocab) at every position of `token_ids`, from an empty cache."""
@@ -141,103 +179,152 @@ class Engine:
                 num_prompt_tokens=len(token_ids),
                 context_length=self.context_length,
             )
-        entry = self.kv_cache.acquire()
-        try:
-            self.kv_cache.ensure_capacity(len(token_ids))
-            pieces = []
-            for start in range(0, len(token_ids), self.prefill_chunk_size):
-                chunk = token_ids[start : start + self.prefill_chunk_size]
-                batch = ForwardBatch(
-                    token_ids=torch.tensor([chunk], device=self.model.device),
-                    start_positions=[start],
-                    slots=[entry.slot],
-                    all_logits=True,
-                )
-                pieces.append(self.model.forward(batch, self.kv_cache)[0])
-                entry.token_ids.extend(chunk)
-            return torch.cat(pieces)
-        finally:
-            self.kv_cache.release(entry)
+        with self._step_lock:
+            entry = self.kv_cache.acquire()
+            try:
+                self.kv_cache.reserve(entry, len(token_ids))
+                pieces = []
+                for start in range(0, len(token_ids), self.prefill_chunk_size):
+                    chunk = token_ids[start : start + self.prefill_chunk_size]
+                    batch = ForwardBatch(
+                        token_ids=torch.tensor([chunk], device=self.model.device),
+                        start_positions=[start],
+                        slots=[entry.slot],
+                        all_logits=True,
+                    )
+                    pieces.append(self.model.forward(batch, self.kv_cache)[0])
+                    entry.token_ids.extend(chunk)
+                return torch.cat(pieces)
+            finally:
+                self.kv_cache.release(entry)
+
+    # ------------------------------------------------------------ the engine's own loop thread
+
+    @property
+    def loop_running(self) -> bool:
+        return self._loop_thread is not None and self._loop_thread.is_alive()
+
+    def start(self) -> None:
+        """Run steps in a thread of the engine's own whenever there is work (the server's mode)."""
+        if self.loop_running:
+            return
+        self._loop_stop = False
+        self._loop_thread = threading.Thread(target=self._run_loop, name="ember-engine", daemon=True)
+        self._loop_thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """End the loop thread after its current step (requests still queued stay queued)."""
+        with self._work_arrived:
+            self._loop_stop = True
+            self._work_arrived.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout)
+            self._loop_thread = None
+
+    def _run_loop(self) -> None:
+        while True:
+            with self._work_arrived:
+                while not self._loop_stop and not self.has_unfinished():
+                    self._work_arrived.wait(timeout=1.0)
+                if self._loop_stop:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # an ember bug: end every request with it, keep serving
+                log.exception("engine step failed")
+                self._fail_everything(f"internal error: {type(error).__name__}: {error}")
+
+    def _next_output(self, mailbox: queue.SimpleQueue, sequence: Sequence) -> StepOutput | None:
+        while True:
+            try:
+                return mailbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.loop_running:
+                wait = 0.5
+            elif self._step_lock.acquire(blocking=False):
+                try:
+                    if sequence.status is SequenceStatus.FINISHED:  # checked with no step in flight
+                        return None if mailbox.empty() else mailbox.get_nowait()
+                    self._step_locked()
+                finally:
+                    self._step_lock.release()
+                continue
+            else:
+                wait = 0.005  # another thread is stepping; its outputs include ours
+            try:
+                return mailbox.get(timeout=wait)
+            except queue.Empty:
+                continue
 
     # ------------------------------------------------------------ the step
 
     def step(self) -> list[StepOutput]:
+        """Advance every request by one step; returns the outputs (also sent to their sinks)."""
+        with self._step_lock:
+            return self._step_locked()
+
+    def _step_locked(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
-        for sequence in [s for s in [*self.waiting, *self.running] if s.abort_requested]:
-            self._remove(sequence)
-            outputs.append(self._finish(sequence, "abort"))
-
-        just_prefilled: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            sequence = self.waiting[0]
-            try:
-                logits = self._prefill(sequence)
-            except CacheFullError:
-                if not self.running:
-                    raise
-                break  # wait for a running sequence to finish and free its slot
-            self.waiting.popleft()
-            sequence.status = SequenceStatus.RUNNING
-            self.running.append(sequence)
-            just_prefilled.append(sequence)
-            outputs.append(self._accept_token(sequence, sequence.sampler.sample(logits)))
-
-        decoding = [s for s in self.running if s.status is SequenceStatus.RUNNING and s not in just_prefilled]
-        if decoding:
-            logits = self._decode(decoding)  # (batch, vocab)
-            for sequence, token_id in zip(decoding, self._sample_rows(decoding, logits)):
-                outputs.append(self._accept_token(sequence, token_id))
-        self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+        try:
+            self._take_inbox(outputs)
+            self._decode_running(outputs)
+            self._read_prompts(outputs)
+        finally:
+            self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
+            self._deliver(outputs)
         return outputs
 
-    def _prefill(self, sequence: Sequence) -> torch.Tensor:
-        """Compute the prompt's uncached tail; returns the last position's logits (vocab,)."""
-        started = time.perf_counter()
-        # A preempted sequence comes back with its output so far: all of it is its prompt now.
-        prompt = sequence.all_token_ids
-        entry = self.kv_cache.acquire(sequence.cache_entry)
-        sequence.cache_entry = entry
+    def _take_inbox(self, outputs: list[StepOutput]) -> None:
+        """Queue the requests added since the last step and end the aborted ones."""
+        with self._inbox_lock:
+            incoming, self._incoming = self._incoming, []
+            aborts, self._abort_ids = self._abort_ids, set()
+        self.waiting.extend(incoming)
+        if aborts:
+            for sequence in [*self.waiting, *self.running]:
+                if sequence.request_id in aborts:
+                    self._remove(sequence)
+                    outputs.append(self._finish(sequence, "abort"))
+
+    def _decode_running(self, outputs: list[StepOutput]) -> None:
+        decoding = list(self.running)
+        self._reserve_decode_room(decoding, outputs)
+        if not decoding:
+            return
         try:
-            self.kv_cache.ensure_capacity(len(prompt))
-            reused = self.kv_cache.reusable_prefix(entry, prompt)
-            self.kv_cache.truncate(entry, reused)
-            if not sequence.output_token_ids:  # a readmitted (preempted) sequence keeps its first count
-                sequence.num_cached_tokens = reused
-            logits = None
-            if self.on_prefill_progress is not None:
-                self.on_prefill_progress(0, len(prompt) - reused)
-            for start in range(reused, len(prompt), self.prefill_chunk_size):
-                chunk = prompt[start : start + self.prefill_chunk_size]
-                batch = ForwardBatch(
-                    token_ids=torch.tensor([chunk], device=self.model.device),
-                    start_positions=[start],
-                    slots=[entry.slot],
-                )
-                logits = self.model.forward(batch, self.kv_cache)[0, -1].cpu()
-                entry.token_ids.extend(chunk)
-                if self.on_prefill_progress is not None:
-                    self.on_prefill_progress(start + len(chunk) - reused, len(prompt) - reused)
-        except BaseException:
-            self.kv_cache.release(entry, keep=sequence.request.cache_entry is not None)
-            raise
-        sequence.prefill_seconds = time.perf_counter() - started
-        return logits
+            rows = self._decode(decoding)
+        except Exception:
+            if len(decoding) == 1:
+                outputs.append(self._fail(decoding[0], "the forward pass failed"))
+                return
+            rows = []  # find out who fails: each alone
+            for sequence in decoding:
+                try:
+                    rows.extend(self._decode([sequence]))
+                except Exception:
+                    outputs.append(self._fail(sequence, "the forward pass failed"))
+        self._accept_rows(rows, outputs)
 
-    def _decode(self, sequences: list[Sequence]) -> torch.Tensor:
-        """One batched forward of each sequence's last token; returns logits (batch, vocab).
-
-        `sequences` is reordered (by slot) and may lose members to preemption, in
-        place: the caller pairs the logits' rows with the list as it is afterwards.
-        """
-        while True:
+    def _reserve_decode_room(self, decoding: list[Sequence], outputs: list[StepOutput]) -> None:
+        """Grow the cache for this step's keys, preempting the newest sequences when it cannot."""
+        while decoding:
             try:
-                self.kv_cache.ensure_capacity(max(s.num_tokens for s in sequences))
-                break
+                for sequence in decoding:
+                    self.kv_cache.reserve(sequence.cache_entry, sequence.num_tokens)
+                return
             except CacheFullError:
-                if len(sequences) == 1:
-                    raise
-                self._preempt(sequences.pop())  # the newest sequence waits; the others go on
-        sequences.sort(key=lambda s: s.cache_entry.slot)  # consecutive slots read as one view
+                prefilling = [s for s in self.waiting if s.status is SequenceStatus.PREFILLING]
+                if prefilling:
+                    self._preempt(prefilling[-1])
+                elif len(decoding) > 1:
+                    self._preempt(decoding.pop())  # the newest waits; the others go on
+                else:
+                    outputs.append(self._fail(decoding.pop(), "the KV cache budget cannot hold this request"))
+
+    def _decode(self, sequences: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
+        """One batched forward of each sequence's last token; (sequence, logits (vocab,)) pairs."""
+        sequences = sorted(sequences, key=lambda s: s.cache_entry.slot)  # consecutive slots read as a view
         batch = ForwardBatch(
             token_ids=torch.tensor([[s.output_token_ids[-1]] for s in sequences], device=self.model.device),
             start_positions=[len(s.cache_entry.token_ids) for s in sequences],
@@ -246,56 +333,197 @@ class Engine:
         logits = self.model.forward(batch, self.kv_cache)[:, -1].cpu()  # samplers draw on the CPU
         for sequence in sequences:
             sequence.cache_entry.token_ids.append(sequence.output_token_ids[-1])
-        return logits
+        return list(zip(sequences, logits))
+
+    def _accept_rows(self, rows: list[tuple[Sequence, torch.Tensor]], outputs: list[StepOutput]) -> None:
+        if not rows:
+            return
+        sequences = [sequence for sequence, _ in rows]
+        if greedy_batch_allowed(sequences):
+            logits = torch.stack([row for _, row in rows])[:, : self.vocab_size]
+            if bool(torch.isfinite(logits).all()):
+                for sequence, token_id in zip(sequences, torch.argmax(logits, dim=-1).tolist()):
+                    outputs.append(self._accept_token(sequence, TokenChoice(token_id)))
+                return
+        for sequence, row in rows:
+            outputs.append(self._choose_and_accept(sequence, row))
+
+    def _choose_and_accept(self, sequence: Sequence, logits: torch.Tensor) -> StepOutput:
+        try:
+            choice = choose_token(sequence, logits[: self.vocab_size])
+        except Exception as error:
+            return self._fail(sequence, f"sampling failed: {error}")
+        return self._accept_token(sequence, choice)
+
+    def _read_prompts(self, outputs: list[StepOutput]) -> None:
+        """Read waiting prompts, a chunk per forward, up to `prefill_chunk_size` tokens this step."""
+        budget = self.prefill_chunk_size
+        while budget > 0 and self.waiting:
+            sequence = self.waiting[0]
+            if sequence.status is SequenceStatus.WAITING:
+                running = sum(1 for s in self.running if s.status is SequenceStatus.RUNNING)
+                if running >= self.max_batch_size or not self._start_prefill(sequence, outputs):
+                    return
+                if sequence.status is SequenceStatus.FINISHED:
+                    continue
+            try:
+                used, logits = self._prefill_chunk(sequence, budget)
+            except Exception:
+                self.waiting.popleft()
+                outputs.append(self._fail(sequence, "reading the prompt failed"))
+                continue
+            budget -= used
+            if logits is None:
+                continue  # more of this prompt next step (or next in this one if budget is left)
+            self.waiting.popleft()
+            sequence.prefill_seconds = time.perf_counter() - sequence.prefill_started_at
+            output = self._choose_and_accept(sequence, logits)
+            if sequence.status is not SequenceStatus.FINISHED:
+                sequence.status = SequenceStatus.RUNNING
+                self.running.append(sequence)
+            outputs.append(output)
+
+    def _start_prefill(self, sequence: Sequence, outputs: list[StepOutput]) -> bool:
+        """Give the head of the queue a cache entry; False when it must wait for room."""
+        # A preempted sequence comes back with its output so far: all of it is its prompt now.
+        prompt = sequence.all_token_ids
+        own_entry = sequence.request.cache_entry
+        entry = None
+        try:
+            entry = self.kv_cache.acquire(own_entry, prompt_token_ids=None if own_entry else prompt)
+            self.kv_cache.reserve(entry, len(prompt))
+        except (CacheFullError, CacheEntryBusyError) as error:
+            if entry is not None:
+                self.kv_cache.release(entry, keep=True)
+            if isinstance(error, CacheFullError) and self._someone_holds_cache(sequence):
+                return False  # a running sequence will finish and free room
+            self.waiting.popleft()
+            outputs.append(self._fail(sequence, str(error)))
+            return True
+        sequence.cache_entry = entry
+        reused = self.kv_cache.reusable_prefix(entry, prompt)
+        self.kv_cache.truncate(entry, reused)
+        if not sequence.output_token_ids:  # a readmitted (preempted) sequence keeps its first count
+            sequence.num_cached_tokens = reused
+        sequence.status = SequenceStatus.PREFILLING
+        sequence.prefill_started_at = time.perf_counter()
+        sequence.prefill_reused = reused
+        self._report_progress(0, len(prompt) - reused)
+        return True
+
+    def _prefill_chunk(self, sequence: Sequence, budget: int) -> tuple[int, torch.Tensor | None]:
+        """Compute the next chunk of the prompt; the last position's logits once the prompt is done."""
+        prompt = sequence.all_token_ids
+        entry = sequence.cache_entry
+        start = len(entry.token_ids)
+        chunk = prompt[start : start + min(budget, self.prefill_chunk_size)]
+        batch = ForwardBatch(
+            token_ids=torch.tensor([chunk], device=self.model.device),
+            start_positions=[start],
+            slots=[entry.slot],
+        )
+        logits = self.model.forward(batch, self.kv_cache)[0, -1]
+        entry.token_ids.extend(chunk)
+        done = len(entry.token_ids) == len(prompt)
+        self._report_progress(
+            len(entry.token_ids) - sequence.prefill_reused, len(prompt) - sequence.prefill_reused
+        )
+        return len(chunk), (logits.cpu() if done else None)
+
+    def _report_progress(self, done: int, total: int) -> None:
+        if self.on_prefill_progress is not None:
+            try:
+                self.on_prefill_progress(done, total)
+            except Exception:
+                log.exception("prefill progress callback failed")
+
+    def _someone_holds_cache(self, sequence: Sequence) -> bool:
+        return bool(self.running) or any(
+            s is not sequence and s.status is SequenceStatus.PREFILLING for s in self.waiting
+        )
 
     def _preempt(self, sequence: Sequence) -> None:
-        """Out of cache memory: free a running sequence's slot and queue it to be recomputed.
+        """Out of cache memory: free a sequence's slot and queue it to be recomputed.
 
-        Its output so far stays; on readmission it prefills prompt + output (a
-        chat session's entry is kept if the budget allows, so often nothing is
-        recomputed) and carries on, so its text is the same as if it had never
-        paused.
+        Its output so far stays; on readmission it prefills prompt + output (its
+        entry is kept while the budget allows, so often nothing is recomputed)
+        and carries on, so its text is the same as if it had never paused.
         """
-        self.running.remove(sequence)
-        self.kv_cache.release(sequence.cache_entry, keep=sequence.request.cache_entry is not None)
+        self._remove(sequence)
+        self.kv_cache.release(sequence.cache_entry, keep=True)
+        sequence.cache_entry = sequence.request.cache_entry
         sequence.status = SequenceStatus.WAITING
-        self.waiting.appendleft(sequence)
+        prefilling = sum(1 for s in self.waiting if s.status is SequenceStatus.PREFILLING)
+        self.waiting.insert(prefilling, sequence)
         self.num_preemptions += 1
 
-    def _sample_rows(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int]:
-        if all(s.params.greedy and not s.params.uses_penalties for s in sequences):
-            return torch.argmax(logits[:, : self.vocab_size], dim=-1).tolist()
-        return [s.sampler.sample(row) for s, row in zip(sequences, logits)]
-
-    def _accept_token(self, sequence: Sequence, token_id: int) -> StepOutput:
+    def _accept_token(self, sequence: Sequence, choice: TokenChoice) -> StepOutput:
+        token_id = choice.token_id
         if sequence.first_token_at is None:
             sequence.first_token_at = time.perf_counter()
         sequence.sampler.observe(token_id)
         sequence.output_token_ids.append(token_id)
+        constraint = sequence.request.constraint
         finish_reason = None
         if token_id in self.stop_token_ids and not sequence.params.ignore_eos:
             finish_reason = "stop"
-            text = sequence.stop_matcher.feed(sequence.detokenizer.flush()) + sequence.stop_matcher.flush()
+            text = self._flush_text(sequence)
         else:
             text = sequence.stop_matcher.feed(sequence.detokenizer.add(token_id))
+            if constraint is not None:
+                try:
+                    constraint.accept_token(token_id)
+                except Exception as error:
+                    return self._fail(sequence, f"the output constraint failed: {error}", text)
             if sequence.stop_matcher.stopped:
                 finish_reason = "stop"
+            elif constraint is not None and constraint.is_complete:
+                finish_reason = "stop"
+                text += self._flush_text(sequence)
             elif len(sequence.output_token_ids) >= sequence.max_tokens:
                 finish_reason = "length"
-                text += (
-                    sequence.stop_matcher.feed(sequence.detokenizer.flush()) + sequence.stop_matcher.flush()
-                )
+                text += self._flush_text(sequence)
         if finish_reason is not None:
             self._finish(sequence, finish_reason)
-        return self._output(sequence, token_id, text)
+        return self._output(sequence, token_id, text, choice)
 
-    def _finish(self, sequence: Sequence, reason: str) -> StepOutput:
+    @staticmethod
+    def _flush_text(sequence: Sequence) -> str:
+        """Text still held back (a partial character, a possible stop-string start), unless it stops."""
+        return sequence.stop_matcher.feed(sequence.detokenizer.flush()) + sequence.stop_matcher.flush()
+
+    def _fail(self, sequence: Sequence, message: str, text: str = "") -> StepOutput:
+        """End one sequence with an error (its text so far stays valid); the others go on."""
+        log.warning("request %s failed: %s", sequence.request_id, message, exc_info=log.isEnabledFor(10))
+        sequence.error = message
+        self._remove(sequence)
+        return self._finish(sequence, "error", text)
+
+    def _fail_everything(self, message: str) -> None:
+        outputs: list[StepOutput] = []
+        with self._step_lock:
+            for sequence in [*self.waiting, *self.running]:
+                sequence.error = message
+                outputs.append(self._finish(sequence, "error"))
+            self.waiting.clear()
+            self.running.clear()
+            self._deliver(outputs)
+
+    def _finish(self, sequence: Sequence, reason: str, text: str = "") -> StepOutput:
+        if reason in ("abort", "error") and sequence.output_token_ids:
+            text += self._flush_text(sequence)  # an interrupted reply is stored whole
         sequence.status = SequenceStatus.FINISHED
         sequence.finish_reason = reason
-        if sequence.cache_entry is not None:
-            # A caller-owned entry (a chat session) keeps its contents for the next turn.
-            self.kv_cache.release(sequence.cache_entry, keep=sequence.request.cache_entry is not None)
-        return self._output(sequence, None, "")
+        entry = sequence.cache_entry
+        if entry is not None and entry.pinned:
+            # A finished request's keys stay (evictable) for the next turn or any prompt sharing them,
+            # unless a failure may have left them suspect.
+            self.kv_cache.release(entry, keep=reason != "error")
+        with self._inbox_lock:
+            self._active_ids.discard(sequence.request_id)
+            if sequence.request.cache_entry is not None:
+                self._active_entries.discard(id(sequence.request.cache_entry))
+        return self._output(sequence, None, text)
 
     def _remove(self, sequence: Sequence) -> None:
         if sequence in self.waiting:
@@ -303,8 +531,21 @@ class Engine:
         if sequence in self.running:
             self.running.remove(sequence)
 
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            sink = self._sinks.pop(output.request_id, None) if output.finished else None
+            sink = sink or self._sinks.get(output.request_id)
+            if sink is None:
+                continue
+            try:
+                sink(output)
+            except Exception:
+                log.exception("output callback of request %s failed", output.request_id)
+
     @staticmethod
-    def _output(sequence: Sequence, token_id: int | None, text: str) -> StepOutput:
+    def _output(
+        sequence: Sequence, token_id: int | None, text: str, choice: TokenChoice | None = None
+    ) -> StepOutput:
         return StepOutput(
             request_id=sequence.request_id,
             token_id=token_id,
@@ -313,4 +554,7 @@ class Engine:
             num_prompt_tokens=len(sequence.prompt_token_ids),
             num_cached_tokens=sequence.num_cached_tokens,
             num_generated_tokens=len(sequence.output_token_ids),
+            error=sequence.error,
+            logprob=choice.logprob if choice is not None else None,
+            top_logprobs=choice.top_logprobs if choice is not None else None,
         )

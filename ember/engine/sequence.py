@@ -19,8 +19,9 @@ _request_ids = itertools.count(1)
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"  # queued, nothing computed yet
-    RUNNING = "running"  # prefilled, decoding
+    WAITING = "waiting"  # queued, no cache held
+    PREFILLING = "prefilling"  # holds a cache entry; its prompt is being read, a chunk per step
+    RUNNING = "running"  # its first token is sampled; decoding
     FINISHED = "finished"
 
 
@@ -99,10 +100,13 @@ class Sequence:
         self.cache_entry: CacheEntry | None = request.cache_entry
         self.num_cached_tokens = 0
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why it finished with "error"
         self.max_tokens = self.params.max_tokens  # may be lowered to fit the context
         self.abort_requested = False
         self.created_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.prefill_started_at = 0.0
+        self.prefill_reused = 0  # prompt tokens found in the cache when its prefill began
         self.prefill_seconds = 0.0
 
     @property

@@ -8,6 +8,25 @@ output and is never missed.
 
 from __future__ import annotations
 
+import re
+
+from ember.tokenizer import Tokenizer
+
+# `<|name|>` is the spelling of a control token (ChatML, GPT-2, TinyStories): ordinary text and markup
+# never contain it, so when a model writes one out as plain pieces it still means "stop". Markers that
+# look like markup (`</s>`, `<eos>`, `<end_of_turn>`) can appear in a real reply (an HTML snippet).
+_CONTROL_MARKER = re.compile(r"<\|[^<>|\s]+\|>")
+
+
+def end_marker_stop_strings(tokenizer: Tokenizer) -> list[str]:
+    """The end-of-text markers whose text, written out as ordinary tokens, also ends a reply.
+
+    TinyStories' model writes `<|end_story|>` as four plain tokens before its end token; a Llama-2 or
+    Mistral reply may contain `</s>` inside HTML and must go on.
+    """
+    texts = {tokenizer.decode([token_id]).strip() for token_id in tokenizer.eos_token_ids}
+    return sorted(text for text in texts if _CONTROL_MARKER.fullmatch(text))
+
 
 class StopStringMatcher:
     def __init__(self, stop_strings: list[str]):

@@ -1,0 +1,60 @@
+"""One sequence's next token from its logits: constraint mask, sampler, logprobs, and their checks.
+
+Everything here can fail for one request alone (a distribution the sampler
+cannot draw from, logits that are NaN, a constraint that allows nothing);
+the engine turns such a failure into that request's "error" finish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.sequence import Sequence
+
+
+@dataclass
+class TokenChoice:
+    token_id: int
+    logprob: float | None = None  # log p(token) under the model's own logits
+    top_logprobs: list[tuple[int, float]] | None = None  # the N most likely, best first
+
+
+class InvalidLogitsError(ValueError):
+    """The model gave logits no token can be drawn from (NaN, or nothing finite)."""
+
+
+def greedy_batch_allowed(sequences: list[Sequence]) -> bool:
+    """Whether one argmax over the batch picks every sequence's token (nothing per-row to do)."""
+    return all(
+        s.params.greedy
+        and not s.params.uses_penalties
+        and s.params.logprobs is None
+        and s.request.constraint is None
+        for s in sequences
+    )
+
+
+def choose_token(sequence: Sequence, logits: torch.Tensor) -> TokenChoice:
+    """The next token of `sequence` from its float32 logits (vocab,)."""
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+        raise InvalidLogitsError("the model produced invalid logits (NaN or no finite value)")
+    allowed = logits
+    constraint = sequence.request.constraint
+    if constraint is not None:
+        mask = constraint.allowed_token_mask(logits.shape[-1])  # (vocab,) bool, or None: anything
+        if mask is not None:
+            if not bool(mask.any()):
+                raise ValueError("the output constraint allows no token")
+            allowed = logits.masked_fill(~mask, float("-inf"))
+    token_id = sequence.sampler.sample(allowed)
+    if sequence.params.logprobs is None:
+        return TokenChoice(token_id)
+    return TokenChoice(token_id, *_logprobs(logits, token_id, sequence.params.logprobs))
+
+
+def _logprobs(logits: torch.Tensor, token_id: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
+    best_values, best_ids = torch.topk(log_probs, top) if top else (log_probs[:0], log_probs[:0])
+    return float(log_probs[token_id]), list(zip(best_ids.tolist(), best_values.tolist()))
