@@ -20,29 +20,24 @@ import torch
 
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError, UnsupportedArchitectureError
+from ember.formats.gguf_architectures import (
+    GGUF_ARCHITECTURES,
+    PHI3_ROPE_FACTORS,
+    architecture_fields,
+    layer_names,
+    transform_tensors,
+)
 from ember.formats.gguf_metadata import read_metadata
 from ember.formats.gguf_reader import open_gguf
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 from ember.quant.ggml_dequant import BLOCK_SIZES
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")  # llama.cpp writes Mistral and SmolLM files as "llama"
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 _TOP_LEVEL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama3-style RoPE: per-frequency divisors, which llama.cpp stores instead of rope_scaling.
@@ -129,7 +124,7 @@ def _numel(tensor: torch.Tensor | BlockQuantizedTensor) -> int:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Config, HF-named tensors and metadata of a llama- or qwen2-architecture GGUF file."""
+    """Config, HF-named tensors and metadata of a GGUF file of one of `GGUF_ARCHITECTURES`."""
     path = Path(path)
     reader = open_gguf(path)
     metadata = read_metadata(reader)
@@ -139,13 +134,15 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"unsupported GGUF architecture {architecture!r} in {path.name}; "
             f"ember reads: {', '.join(GGUF_ARCHITECTURES)}"
         )
-    if metadata.get(f"{architecture}.expert_count", 0) > 0:
+    if metadata.get(f"{architecture}.expert_count", 0) > 0 and architecture != "qwen3moe":
         raise UnsupportedArchitectureError(
             f"{path.name} is a mixture-of-experts model, which ember does not run"
         )
 
     raw_tensors: dict[str, gguf.ReaderTensor] = {}
     rope_freq_factors = None
+    settings: dict[str, torch.Tensor] = {}  # tensors that are config values (Phi-3's rope factors)
+    names = layer_names(architecture)
     for tensor in reader.tensors:
         quant_type = tensor.tensor_type.name
         if quant_type not in BLOCK_SIZES:
@@ -156,10 +153,15 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         if tensor.name == _ROPE_FREQS:
             rope_freq_factors = _float_tensor(tensor).float().reshape(-1)
             continue
-        raw_tensors[_hf_name(tensor.name, path)] = tensor
+        if architecture == "phi3" and tensor.name in PHI3_ROPE_FACTORS:
+            settings[PHI3_ROPE_FACTORS[tensor.name]] = _float_tensor(tensor)
+            continue
+        raw_tensors[_hf_name(tensor.name, path, names)] = tensor
 
-    config = _config_from_metadata(metadata, architecture, raw_tensors)
-    _check_shapes(config, raw_tensors, path)
+    config = _config_from_metadata(metadata, architecture, raw_tensors, settings)
+    if architecture in ("llama", "qwen2"):
+        _check_shapes(config, raw_tensors, path)
+    # other architectures' models check each tensor's presence and shape as they build
     tensors: dict[str, torch.Tensor | BlockQuantizedTensor] = {}
     for name, tensor in raw_tensors.items():
         tensors[name] = _load_tensor(name, tensor)
@@ -168,6 +170,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
                 tensors[name] = _unpermute_rows(tensors[name], config.num_heads)
             elif ".self_attn.k_proj." in name:
                 tensors[name] = _unpermute_rows(tensors[name], config.num_kv_heads)
+    tensors = transform_tensors(architecture, tensors, config.num_experts)
     return GGUFCheckpoint(
         config=config,
         tensors=tensors,
@@ -180,14 +183,14 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     )
 
 
-def _hf_name(gguf_name: str, path: Path) -> str:
+def _hf_name(gguf_name: str, path: Path, names: dict[str, str]) -> str:
     if gguf_name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[gguf_name]
     match = _LAYER_PATTERN.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    if match is None or match.group(2) not in names:
         raise ModelLoadError(f"{path.name} has a tensor ember does not know: {gguf_name!r}")
     layer, role, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[role]}.{kind}"
+    return f"model.layers.{layer}.{names[role]}.{kind}"
 
 
 def _metadata_float(value: Any) -> float:
@@ -196,7 +199,10 @@ def _metadata_float(value: Any) -> float:
 
 
 def _config_from_metadata(
-    metadata: dict[str, Any], architecture: str, raw_tensors: dict[str, gguf.ReaderTensor]
+    metadata: dict[str, Any],
+    architecture: str,
+    raw_tensors: dict[str, gguf.ReaderTensor],
+    settings: dict[str, torch.Tensor] | None = None,
 ) -> ModelConfig:
     def required(key: str) -> Any:
         full_key = f"{architecture}.{key}"
@@ -241,8 +247,9 @@ def _config_from_metadata(
     ]
     file_type = metadata.get("general.file_type")
     has_bias = any(name.endswith("_proj.bias") for name in raw_tensors)
+    extra = architecture_fields(architecture, optional, settings or {}, rope_scaling)
     return ModelConfig(
-        architecture=architecture,
+        architecture=GGUF_ARCHITECTURES[architecture],
         hidden_size=required("embedding_length"),
         num_layers=required("block_count"),
         num_heads=num_heads,
@@ -252,15 +259,15 @@ def _config_from_metadata(
         head_dim=head_dim,
         rms_norm_eps=_metadata_float(required("attention.layer_norm_rms_epsilon")),
         rope_theta=_metadata_float(optional("rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
         max_position_embeddings=optional("context_length", 2048),
         tie_word_embeddings="lm_head.weight" not in raw_tensors,
         attention_bias=architecture == "qwen2" or has_bias,
-        # llama.cpp runs qwen2 with full attention whatever the file says; so does HF by default.
-        sliding_window=None if architecture == "qwen2" else optional("attention.sliding_window"),
+        # llama.cpp runs Qwen with full attention whatever the file says; so does HF by default.
+        sliding_window=None if architecture.startswith("qwen") else optional("attention.sliding_window"),
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=list(dict.fromkeys(eos_ids)),
         torch_dtype=_file_type_name(file_type),
+        **extra,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ember.chat_template import GEMMA_TEMPLATE
 from ember.config import ROPE_FREQ_FACTORS
 from ember.formats.checkpoint import Checkpoint
 from ember.formats.gguf import read_gguf
@@ -22,6 +23,8 @@ def read_gguf_checkpoint(path: Path) -> Checkpoint:
     gguf_checkpoint = read_gguf(path)
     tokenizer = tokenizer_from_gguf_metadata(gguf_checkpoint.metadata)
     config = gguf_checkpoint.config
+    if config.architecture == "gemma3" and not tokenizer.chat_template:
+        tokenizer.chat_template = GEMMA_TEMPLATE  # llama.cpp's Gemma 3 conversions often leave it out
     if config.bos_token_id is None:
         config.bos_token_id = tokenizer.bos_token_id
     for eos in tokenizer.eos_token_ids:
