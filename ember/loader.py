@@ -55,8 +55,15 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         )
     path = Path(text).expanduser()
     if not path.exists():
+        from ember.model_store import find_pulled_model  # a name from `ember pull` (local, no network)
+
+        pulled = find_pulled_model(text)
+        if pulled is not None:
+            return pulled
         known = ", ".join(BUILTIN_MODELS)
-        raise ModelLoadError(f"model path {text!r} does not exist (built-in model names: {known})")
+        raise ModelLoadError(
+            f"model path {text!r} does not exist (built-in model names: {known}; pulled models: `ember list`)"
+        )
     return path
 
 
