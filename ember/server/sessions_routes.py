@@ -61,7 +61,7 @@ REPLY_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     200: {
         "description": "The finished reply, or with `stream: true` an SSE stream of start/delta/done events",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {}},  # events: docs/SESSIONS_API.md
     },
 }
 
