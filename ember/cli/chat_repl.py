@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember.cli.chat_draft import DraftChat
 from ember.errors import ContextOverflowError, EmberError, InvalidRequestError
+from ember.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from ember.chat import Chat
@@ -281,9 +282,10 @@ class ChatRepl:
         try:
             pieces = chat.send(text)
         except ContextOverflowError as error:
+            system_prompt = chat.session.system_prompt
             if created is not None:
                 created.store.delete_session(created.session_id)
-            raise self._overflow(error, chat.session.system_prompt) from None
+            raise self._overflow(error, system_prompt) from None
         except BaseException:
             if created is not None:
                 created.store.delete_session(created.session_id)
@@ -318,12 +320,12 @@ class ChatRepl:
             "Ctrl-C stops a reply; Ctrl-D quits."
         )
 
-    def do_new(self, argument: str) -> None:
+    def do_new(self, argument: str, sampling_params: SamplingParams | None = None) -> None:
         self.chat = DraftChat(
             self.chat.model,
             self.chat.store,
             system_prompt=self.args.system,
-            sampling_params=self.chat.sampling_params,
+            sampling_params=sampling_params or self.chat.sampling_params,
             title=argument or None,
         )
         self.free_generation = None
@@ -358,13 +360,14 @@ class ChatRepl:
         if not self.confirm(f"delete session {session.id}{title} ({session.message_count} messages)?"):
             self.note("(not deleted)")
             return
+        sampling_params = self.chat.sampling_params  # a new session after this one keeps its settings
         store.delete_session(session.id)
         drop = getattr(self.chat.model, "drop_session_cache", None)
         if drop is not None:
             drop(session.id)
         self.note(f"(deleted session {session.id})")
         if session.id == self.chat.session_id:
-            self.do_new("")
+            self.do_new("", sampling_params)
 
     def do_title(self, argument: str) -> None:
         if argument:
