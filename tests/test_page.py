@@ -235,6 +235,15 @@ def test_a_reload_and_a_second_browser_find_everything(server, browser):
     assert page.locator(".message .message-body").all_inner_texts() == texts
     assert page.locator("#chat-title").inner_text() == title
 
+    # A reply sent from one tab grows in the other one too (over the session's WebSocket).
+    send(page, "And two vegetables?")
+    second_tab.wait_for_selector(".message.assistant.streaming")
+    wait_until_idle(page)
+    wait_until_idle(second_tab)
+    second_tab.wait_for_function("() => document.querySelectorAll('.message.assistant').length === 2")
+    texts = page.locator(".message .message-body").all_inner_texts()
+    assert second_tab.locator(".message .message-body").all_inner_texts() == texts
+
     # A different browser (no local storage): the chat is in the list, with the same messages.
     other, other_problems = open_page(browser, server.base_url)
     other.locator("#session-list .session-open", has_text=title).first.click()

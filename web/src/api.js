@@ -22,6 +22,7 @@ export class ConnectionError extends Error {
   }
 }
 
+let memoryKey = ''; // where storage is refused (private mode), the key lives for this page only
 let askForKey = null; // async (reason) => key | null, installed by the page
 let pendingAsk = null; // one prompt at a time, shared by every request that got a 401
 
@@ -31,9 +32,9 @@ export function onKeyNeeded(callback) {
 
 export function apiKey() {
   try {
-    return localStorage.getItem(KEY_STORAGE) || '';
+    return localStorage.getItem(KEY_STORAGE) || memoryKey;
   } catch {
-    return '';
+    return memoryKey;
   }
 }
 
@@ -46,10 +47,9 @@ export function setApiKey(key) {
   }
   memoryKey = key;
 }
-let memoryKey = '';
 
 function currentKey() {
-  return apiKey() || memoryKey;
+  return apiKey();
 }
 
 /** Paths are relative to the page, so the page also works behind a path prefix. */
@@ -57,11 +57,10 @@ export function url(path) {
   return new URL(path.replace(/^\//, ''), document.baseURI).toString();
 }
 
+/** The WebSocket address for `path`; the key is sent as the socket's first message, not in the URL. */
 export function websocketUrl(path) {
   const address = new URL(url(path));
   address.protocol = address.protocol === 'https:' ? 'wss:' : 'ws:';
-  const key = currentKey();
-  if (key) address.searchParams.set('token', key);
   return address.toString();
 }
 

@@ -3,6 +3,7 @@
 import * as api from './api.js';
 import { refreshSessions, reloadCurrent } from './sessions.js';
 import { render, state } from './state.js';
+import { socketLive } from './watcher.js';
 
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
 const WATCH_EVERY_MS = 700;
@@ -55,16 +56,17 @@ function onlineAgain() {
 
 /** A message with status 'streaming' that this page is not writing: poll until it is finished. */
 export function watchIfStreaming() {
-  if (state.watching || state.streaming) return;
+  if (state.watching || state.streaming || state.remote) return;
   if (!state.messages.some((message) => message.status === 'streaming')) return;
   const id = state.currentId;
+  if (socketLive(id)) return; // its events will tell
   state.watching = true;
   render();
   (async () => {
     try {
       for (;;) {
         await new Promise((done) => setTimeout(done, WATCH_EVERY_MS));
-        if (state.currentId !== id || state.streaming) break;
+        if (state.currentId !== id || state.streaming || state.remote) break;
         const session = await reloadCurrent();
         if (!session || !(session.messages || []).some((message) => message.status === 'streaming')) break;
       }

@@ -10,6 +10,7 @@ import * as sessions from './sessions.js';
 import { openSettings } from './settings.js';
 import { renderSidebar, sessionTitle } from './sidebar.js';
 import { render, state, view } from './state.js';
+import { overlay, watchSession } from './watcher.js';
 
 const $ = (id) => document.getElementById(id);
 const elements = {
@@ -195,6 +196,7 @@ function drawConversation() {
 }
 
 view.render = () => {
+  watchSession(state.currentId);
   renderSidebar(
     elements.list,
     {
@@ -217,18 +219,21 @@ view.render = () => {
 };
 
 let pendingFrame = 0;
-view.streamed = () => {
+let pendingMessage = null;
+view.streamed = (message) => {
   // Many deltas per frame: redraw the growing reply once per animation frame.
+  pendingMessage = message;
   if (pendingFrame) return;
   pendingFrame = requestAnimationFrame(() => {
     pendingFrame = 0;
-    const run = state.streaming;
-    const element = run && elements.messages.querySelector('.message.streaming .message-body');
+    const target = pendingMessage;
+    const element = target && elements.messages.querySelector(`[data-message-id="${CSS.escape(target.id)}"] .message-body`);
     if (!element) return;
-    fillBody(element, run.target, { streaming: true, onCopy: copy });
+    fillBody(element, target, { streaming: true, onCopy: copy });
     if (following) scrollToEnd();
   });
 };
+view.overlay = overlay;
 
 view.follow = () => {
   following = true;

@@ -13,7 +13,7 @@ function sessionPath(id, tail = '') {
 }
 
 export function busy() {
-  return Boolean(state.streaming || state.watching);
+  return Boolean(state.streaming || state.watching || state.remote);
 }
 
 function showError(error, retry) {
@@ -49,7 +49,10 @@ async function stream({ path, body, prepare, retry, restore = null }) {
       if (event.type === 'start') {
         run.started = true;
         const id = event.message_id ?? event.message?.id ?? event.id;
-        if (id && target.id === PENDING) target.id = id;
+        if (id && target.id === PENDING) {
+          target.id = id;
+          if (state.currentId === sessionId) render();
+        }
       } else if (event.type === 'delta') {
         const now = performance.now();
         if (run.firstAt === null) run.firstAt = now;
@@ -57,7 +60,7 @@ async function stream({ path, body, prepare, retry, restore = null }) {
         run.deltas += 1;
         run.text += event.text ?? '';
         target.content = base + run.text;
-        if (state.currentId === sessionId) view.streamed();
+        if (state.currentId === sessionId) view.streamed(target);
       } else if (event.type === 'done') {
         usage = event.usage ?? null;
         finished = true;

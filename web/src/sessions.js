@@ -72,6 +72,7 @@ export async function reloadCurrent() {
   upsert(session);
   if (!(state.streaming && state.streaming.sessionId === id)) {
     state.messages = session.messages || [];
+    view.overlay(); // a reply growing over the WebSocket is fresher than the stored text
     measureContext(session).catch(() => {});
   }
   render();

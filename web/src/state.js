@@ -7,7 +7,8 @@ export const state = {
   current: null, // the session as the server last sent it (without messages)
   messages: [], // the active path, as drawn (may hold a reply being streamed)
   streaming: null, // {sessionId, messageId, controller, stopped, firstAt, lastAt, deltas}
-  watching: false, // polling a reply that another tab (or an earlier page load) is writing
+  watching: false, // following a reply that another tab (or an earlier page load) is writing
+  remote: null, // {sessionId, messageId, text}: that reply, as its WebSocket events tell it
   queued: false, // the composer's text is sent when the current reply ends
   editingId: null,
   renamingId: null,
@@ -27,6 +28,7 @@ export const view = {
   sendQueued() {},
   restoreDraft() {},
   clearDraft() {},
+  overlay() {},
 };
 
 export function render() {
