@@ -7,17 +7,24 @@ malformed id all answer the same 404.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from ember.errors import EmberError
 from ember.server.auth import LOCAL_USER, current_user
 from ember.server.errors import ApiError
+from ember.server.protocol import ErrorResponse
 from ember.server.session_service import SessionService
+from ember.server.sessions_protocol import message_json, session_json
 from ember.sessions import Message, NotFoundError, Session
 from ember.sessions.data_dir import default_store_path
 
 _service_lock = threading.Lock()
+# The error answers every sessions route documents (OpenAI-shaped bodies).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 503)
+}
 
 
 # ------------------------------------------------------------------ plumbing
@@ -76,3 +83,14 @@ def find_message(sessions: SessionService, session: Session, message_id: str) ->
         raise ApiError(
             404, f"no message with id {message_id!r} in this session", param="message_id", code="not_found"
         ) from None
+
+
+def sessions_for(request: Request) -> SessionService:
+    return sessions_of(request.app)
+
+
+def session_detail(sessions: SessionService, session: Session) -> dict[str, Any]:
+    """The session with its active conversation, each message with its alternatives."""
+    siblings = sessions.store.sibling_ids(session.id)
+    messages = [message_json(message, siblings) for message in sessions.store.active_path(session.id)]
+    return {**session_json(session, sessions.is_replying(session.id)), "messages": messages}
