@@ -137,6 +137,8 @@ def list_models(root: Path | None = None, include_builtin: bool = True) -> list[
     models = _builtin_models() if include_builtin else []
     pulled = sorted(_pulled_models(root), key=lambda model: model.name.lower())
     for model in models + pulled:
+        if model.error is not None:
+            continue
         try:
             model.summary = summarize_model(model.path)
         except EmberError as error:
@@ -246,9 +248,20 @@ def _builtin_models() -> list[LocalModel]:
         except (TypeError, ValueError):
             continue
         spec = importlib.util.find_spec(module)
-        for location in list(spec.submodule_search_locations or []) if spec is not None else []:
+        if spec is None:
+            continue
+        for location in list(spec.submodule_search_locations or []):
             candidate = Path(location) / file_name
             if candidate.exists():
                 models.append(LocalModel(name=name, path=candidate, directory=None, summary=None))
                 break
+        else:
+            # A chunk package (gemma3): its file is put together in ember's cache on first use.
+            from ember.formats.gguf_chunks import models_cache_dir
+
+            assembled = models_cache_dir() / file_name
+            model = LocalModel(name=name, path=assembled, directory=None, summary=None)
+            if not assembled.exists():
+                model.error = "installed; assembled into this file on first use"
+            models.append(model)
     return models

@@ -334,4 +334,6 @@ def test_list_and_rm(hub, home, monkeypatch, capsys):
     assert not (_store(home) / "tiny").exists()  # empty repository folders go too
     capsys.readouterr()
     assert main(["list", "--json"]) == 0
-    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == ["smollm2"]
+    remaining = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "smollm2" in [entry["name"] for entry in remaining]
+    assert all(entry["builtin"] for entry in remaining)

@@ -43,7 +43,11 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
 def run_pull(args: argparse.Namespace) -> int:
     from ember.hub import pull
 
-    model = pull(args.model, file_pattern=args.file_pattern, revision=args.revision)
+    try:
+        model = pull(args.model, file_pattern=args.file_pattern, revision=args.revision)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the bytes so far are kept; run the same pull to resume", file=sys.stderr)
+        return 130
     summary = model.summary
     if summary is None:
         from ember.model_summary import summarize_model
