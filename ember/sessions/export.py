@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -47,7 +48,14 @@ def session_to_dict(session: Session, messages: list[Message]) -> dict[str, Any]
 
 
 def render_json(session: Session, messages: list[Message]) -> str:
-    return json.dumps(session_to_dict(session, messages), ensure_ascii=False, indent=2) + "\n"
+    """Strict JSON: a non-finite number (a setting stored before they were refused) becomes null."""
+    data = session_to_dict(session, messages)
+    data["sampling"] = {name: _finite_or_none(value) for name, value in (data["sampling"] or {}).items()}
+    return json.dumps(data, ensure_ascii=False, indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def render_markdown(session: Session, messages: list[Message]) -> str:
