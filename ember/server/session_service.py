@@ -122,6 +122,12 @@ class SessionService:
         with self._lock:
             self._claims.discard(session_id)
 
+    @property
+    def active_replies(self) -> int:
+        """Replies being written now (a draining server can wait for them)."""
+        with self._lock:
+            return len(self._replies)
+
     def is_replying(self, session_id: str) -> bool:
         with self._lock:
             return session_id in self._replies
@@ -158,7 +164,11 @@ class SessionService:
                 serial.acquire()
             chat = Chat(handle, self.store, reply.session_id)
             reply.chat = chat
-            pieces = action(chat)  # the user's message (if any) and the empty reply are on disk now
+            pieces = action(chat)
+            begin = getattr(pieces, "begin", None)  # a Chat reply stream stores its reply when begun
+            if callable(begin):
+                begin()
+            # The user's message (if any) and the empty reply are on disk now.
             message_id = self.store.get_session(reply.session_id).head_message_id
             reply.message_id = message_id
             reply.text = self.store.get_message(message_id).content

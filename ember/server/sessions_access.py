@@ -48,6 +48,9 @@ def sessions_of(app: FastAPI) -> SessionService:
             callbacks = getattr(app.state.service, "drain_callbacks", None)
             if callbacks is not None:  # SIGTERM: replies in progress are stored as interrupted
                 callbacks.append(service.shutdown)
+            counters = getattr(app.state.service, "active_counters", None)
+            if counters is not None:  # a drain lets session replies finish too, up to its timeout
+                counters.append(lambda: service.active_replies)
             app.state.sessions = service
     return service
 
