@@ -53,6 +53,8 @@ class Tokenizer:
         Special-token text inside `text` (such as `<|im_start|>` in a rendered
         chat template) is always parsed as the special token, as HF does.
         """
+        if not isinstance(text, str):  # the backend's own message names a Rust type
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens and self.add_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]

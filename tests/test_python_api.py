@@ -76,3 +76,8 @@ def test_session_caches_are_bounded_and_a_dropped_one_frees_its_memory(story, mo
     story.session_cache("b")  # use refreshes: "c" is now the least recent
     story.session_cache("e")
     assert list(story._session_caches) == ["d", "b", "e"]
+
+
+def test_encode_takes_text_only(story):
+    with pytest.raises(TypeError, match="encode takes a str, got bytes"):
+        story.encode(b"Once upon a time")
