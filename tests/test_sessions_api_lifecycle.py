@@ -23,7 +23,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(data_dir):
-    server = EmberServer(model="smollm2", args=["--data-dir", str(data_dir)])
+    # --drain-timeout 0: SIGTERM cuts replies at once (a drain would let a long one finish first).
+    server = EmberServer(model="smollm2", args=["--data-dir", str(data_dir), "--drain-timeout", "0"])
     server.start()
     try:
         yield server
