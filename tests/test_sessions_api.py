@@ -149,6 +149,14 @@ def test_regenerate_select_edit_undo_continue(alice):
     assert len(path) == 2 and path[1]["id"] == edited["id"]
     assert path[0]["alternatives"]["count"] == 2 and path[0]["alternatives"]["ids"][0] == question["id"]
 
+    # A user message of the branch left behind can be edited too: a third version.
+    third = alice.post(
+        f"/v1/sessions/{session['id']}/messages/{question['id']}/edit", json={"content": "About rivers?"}
+    )
+    assert third.status_code == 200, third.text
+    path = messages(alice, session["id"])
+    assert path[0]["content"] == "About rivers?" and path[0]["alternatives"]["count"] == 3
+
     # The old branch (with its second exchange) is still there.
     back = alice.post(f"/v1/sessions/{session['id']}/messages/{first_answer['id']}/select").json()["messages"]
     assert [m["id"] for m in back][:2] == [question["id"], first_answer["id"]]

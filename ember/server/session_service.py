@@ -83,6 +83,8 @@ def as_api_error(error: BaseException) -> ApiError:
         return error
     if isinstance(error, NotFoundError):
         return ApiError(404, str(error), code="not_found")
+    if type(error).__name__ == "GenerationError":  # the engine failed, not the request
+        return ApiError(500, str(error), error_type="server_error", code="generation_failed")
     if isinstance(error, EmberError):
         return api_error_from_ember_error(error)
     return ApiError(500, f"internal error: {type(error).__name__}", error_type="server_error")

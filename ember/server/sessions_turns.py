@@ -8,6 +8,7 @@ failure before the first token is a plain HTTP error.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -172,7 +173,11 @@ async def edit_message(
     content = body.content
 
     def edit(chat: Chat) -> Any:
-        # A sibling of the target becomes the head, then answering the head is a regenerate.
+        on_path = any(message.id == target.id for message in chat.history)
+        if on_path and "message_id" in inspect.signature(chat.edit).parameters:
+            return chat.edit(content, message_id=target.id)  # checks the context before storing
+        # A message of another branch (or an older Chat): a sibling of it becomes the head,
+        # and answering the head is a regenerate.
         before = chat.session
         edited = chat.store.edit_message(target.id, content)
         try:
