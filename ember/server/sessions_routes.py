@@ -154,6 +154,8 @@ def delete_session(request: Request, session_id: str, owner: str | None = Depend
         sessions.store.delete_session(session.id)
     finally:
         sessions.release(session.id)
+    # The session's cache entry stays until the cache evicts it (least recently used first):
+    # releasing it here, off the engine's thread, could race the engine's own use of the cache.
     return Response(status_code=204)
 
 
