@@ -30,9 +30,9 @@ def server(tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"# two users\n{ALICE} alice\n{BOB} bob\n")
     data = tmp_path_factory.mktemp("data")
-    with running_server(
-        model="smollm2", args=["--api-keys-file", str(keys), "--data-dir", str(data)]
-    ) as server:
+    # A 1024-token context, so a few long messages overflow it.
+    arguments = ["--api-keys-file", str(keys), "--data-dir", str(data), "--ctx", "1024"]
+    with running_server(model="smollm2", args=arguments) as server:
         yield server
 
 
@@ -288,14 +288,14 @@ def test_bad_input_is_refused_and_changes_nothing(alice):
         ("POST", f"/v1/sessions/{sid}/messages", {"content": ""}, 400),
         ("POST", f"/v1/sessions/{sid}/messages", {"content": "   \n"}, 400),
         ("POST", f"/v1/sessions/{sid}/messages", {"content": "x" * 200_001}, 400),
-        ("POST", f"/v1/sessions/{sid}/messages", {"content": "hello " * 9000}, 400),  # over the context
+        ("POST", f"/v1/sessions/{sid}/messages", {"content": "hello " * 1500}, 400),  # over the context
         ("POST", f"/v1/sessions/{sid}/messages", {"content": "hi", "colour": "red"}, 400),
         ("POST", f"/v1/sessions/{sid}/messages", {"content": 5}, 400),
         ("POST", f"/v1/sessions/{sid}/messages", {}, 400),
         ("POST", f"/v1/sessions/{sid}/messages/{answer_id}/edit", {"content": "new"}, 400),
         ("POST", f"/v1/sessions/{sid}/messages/{foreign_id}/edit", {"content": "new"}, 404),
         ("POST", f"/v1/sessions/{sid}/messages/{user_id}/edit", {"content": ""}, 400),
-        ("POST", f"/v1/sessions/{sid}/messages/{user_id}/edit", {"content": "hello " * 9000}, 400),
+        ("POST", f"/v1/sessions/{sid}/messages/{user_id}/edit", {"content": "hello " * 1500}, 400),
         ("POST", f"/v1/sessions/{sid}/messages/ffffffffffffffff/select", None, 404),
         ("POST", f"/v1/sessions/{sid}/messages/{foreign_id}/select", None, 404),
         ("PATCH", f"/v1/sessions/{sid}", {"settings": {"temperature": 5}}, 400),
@@ -317,7 +317,7 @@ def test_bad_input_is_refused_and_changes_nothing(alice):
         assert response.status_code == status, (method, url, response.text[:300])
         error = response.json()["error"]
         assert error["message"] and "\n" not in error["message"]
-    overflow = alice.post(f"/v1/sessions/{sid}/messages", json={"content": "hello " * 9000}).json()["error"]
+    overflow = alice.post(f"/v1/sessions/{sid}/messages", json={"content": "hello " * 1500}).json()["error"]
     assert overflow["code"] == "context_length_exceeded" and overflow["n_prompt_tokens"] > overflow["n_ctx"]
     assert alice.get(f"/v1/sessions/{sid}").json() == before
 
@@ -361,3 +361,19 @@ def test_many_sessions_reply_at_once_in_shared_batches(alice):
     assert all(result["usage"]["completion_tokens"] == 40 for result in results.values())
     assert decoded_in_batches(alice) > batched_before
     wait_until(lambda: all(not s["replying"] for s in alice.get("/v1/sessions").json()["data"]))
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_from_the_prompt_only(alice):
+    session = new_session(
+        alice, system_prompt="You are terse.", settings={"temperature": 0, "max_tokens": 24}
+    )
+    long_message = "Here is some text to think about: " + "the quick brown fox jumps. " * 50
+    dropped = []
+    for number in range(5):
+        reply = say(alice, session["id"], f"{number}. {long_message}")
+        assert reply["status"] == "complete"
+        dropped.append(reply["usage"]["dropped_messages"])
+        assert reply["usage"]["prompt_tokens"] + 24 <= 1024
+    assert dropped[0] == 0 and dropped[-1] > 0  # told, not silent
+    stored = messages(alice, session["id"])
+    assert len(stored) == 10 and stored[0]["content"].startswith("0. ")  # the text is all kept
