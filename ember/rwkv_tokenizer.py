@@ -26,13 +26,16 @@ VOCAB_KINDS = {65536: "world", 50277: "20b", 50304: "20b", 256: "bytes"}
 END_OF_TEXT = 0  # ChatRWKV's end of document in every RWKV vocabulary
 
 # ChatRWKV's chat convention: "User: ...\n\nAssistant: ...\n\n". A blank line ends a turn, so messages
-# keep single newlines only, and a reply stops at "\n\n" (see CHAT_STOP_STRINGS).
+# keep single newlines only, and a reply stops at "\n\n" (see CHAT_STOP_STRINGS). A reply is written
+# back exactly as generated (it usually starts with its own space), so the next turn's tokens repeat
+# the state's and only the new message is read.
 RWKV_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% set content = message['content'] | replace('\\r\\n', '\\n') | replace('\\n\\n', '\\n')"
-    " | replace('\\n\\n', '\\n') | trim %}"
-    "{% if message['role'] == 'system' %}{{ 'System: ' + content + '\\n\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + content + '\\n\\n' }}"
+    " | replace('\\n\\n', '\\n') %}"
+    "{% if message['role'] == 'system' %}{{ 'System: ' + content | trim + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + content | trim + '\\n\\n' }}"
+    "{% elif content[:1] in [' ', '\\n'] %}{{ 'Assistant:' + content + '\\n\\n' }}"
     "{% else %}{{ 'Assistant: ' + content + '\\n\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"

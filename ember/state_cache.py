@@ -30,7 +30,7 @@ from collections import OrderedDict
 
 import torch
 
-from ember.cache import CacheEntry, CacheFullError
+from ember.cache import CacheEntry, CacheEntryBusyError, CacheFullError
 from ember.errors import EmberError, InvalidRequestError
 
 StateShapes = dict[str, tuple[tuple[int, ...], float]]  # name -> (per-sequence shape, initial value)
@@ -70,8 +70,14 @@ class RNNStatePool:
     def acquire(
         self, entry: CacheEntry | None = None, prompt_token_ids: list[int] | None = None
     ) -> CacheEntry:
-        """Make `entry` (or a new one) resident and pinned; a new slot starts from the initial state."""
-        entry = entry if entry is not None else CacheEntry()
+        """Make `entry` (or a new one) resident and pinned; a new slot starts from the initial state.
+
+        A pinned entry has one writer: acquiring it again is refused. A new entry for a one-off
+        request starts empty; `reusable_prefix` then finds any snapshot its prompt begins with.
+        """
+        if entry is not None and entry.pinned:
+            raise CacheEntryBusyError("this cache entry is in use by another request")
+        entry = entry if entry is not None else CacheEntry(anonymous=True)
         if entry.slot is None:
             slot = self._free_slot()
             self._reset(slot)
