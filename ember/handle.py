@@ -96,20 +96,57 @@ class ModelHandle:
         return self.tokenizer.decode(token_ids)
 
     def stream(
-        self, prompt: str | list[int], sampling_params: SamplingParams | None = None, **sampling: Any
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        json_schema: dict[str, Any] | str | None = None,
+        json: bool = False,
+        regex: str | None = None,
+        grammar: str | None = None,
+        choice: list[str] | None = None,
+        **sampling: Any,
     ) -> Iterator[StepOutput]:
-        """Per-token outputs (text delta, token id, counts, finish reason) for a raw prompt."""
+        """Per-token outputs (text delta, token id, counts, finish reason) for a raw prompt.
+
+        The prompt, the settings and an output constraint are checked at the call (not at the
+        first `next`). At most one constraint: `json_schema` (a schema, dict or JSON text),
+        `json` (any JSON object), `regex` (the whole output matches it), `grammar` (Lark or
+        GBNF text), `choice` (exactly one of these strings).
+        """
         params = sampling_params or SamplingParams()
         if sampling:
             params = params.replace(**sampling)
         token_ids = self.encode(prompt) if isinstance(prompt, str) else prompt_token_ids(prompt)
-        yield from self.engine.generate(GenerationRequest(token_ids, params))
+        constraint = self._constraint(json_schema, json, regex, grammar, choice)
+        return self.engine.generate(GenerationRequest(token_ids, params, constraint=constraint))
 
-    def generate(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
-        """Text pieces as they are produced; sampling settings are `SamplingParams` fields."""
-        if not isinstance(prompt, str):
-            prompt = prompt_token_ids(prompt)  # checked now, not at the first next()
-        return _texts(self.stream(prompt, **sampling))
+    def generate(self, prompt: str | list[int], **options: Any) -> Iterator[str]:
+        """Text pieces as they are produced; options are `SamplingParams` fields and `stream`'s
+        output constraints (json_schema=, json=, regex=, grammar=, choice=)."""
+        return _texts(self.stream(prompt, **options))
+
+    def _constraint(
+        self,
+        json_schema: Any,
+        json_object: bool,
+        regex: str | None,
+        grammar: str | None,
+        choice: list[str] | None,
+    ) -> Any:
+        """A fresh constraint for one request, or None (llguidance is imported only when one is asked)."""
+        if json_schema is None and not json_object and regex is None and grammar is None and choice is None:
+            return None
+        from ember.constraints import constraint_from_options
+
+        return constraint_from_options(
+            self.tokenizer,
+            json_schema=json_schema,
+            json_object=bool(json_object),
+            regex=regex,
+            grammar=grammar,
+            choice=choice,
+        )
 
     def logits(self, token_ids: Any) -> torch.Tensor:
         """Float32 logits (positions, vocab) at every position, computed from scratch.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,35 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(smollm2_gguf):
     assert result.returncode == 0, result.stderr
     assert "loading" not in result.stderr and "%|" not in result.stderr and "\r" not in result.stderr
     assert "ChatML" not in result.stderr  # SmolLM2 has its own template
+
+
+def test_output_constraints_from_the_command_line(tmp_path):
+    choices = ["--choice", "cat", "--choice", "dog"]
+    choice = run_ember("generate", *STORY, "-t", "1", "--seed", "3", *choices, "A pet:")
+    assert choice.returncode == 0, choice.stderr
+    assert choice.stdout.strip() in ("cat", "dog")
+    pattern = r"Once upon a time, (there was|a) [a-z]+\."
+    regex = run_ember("generate", *STORY, "-t", "0", "-n", "40", "--regex", pattern, "Story:")
+    assert regex.returncode == 0, regex.stderr
+    assert re.fullmatch(pattern, regex.stdout.strip()), regex.stdout
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "string"}')
+    text = run_ember("generate", *STORY, "-t", "0", "-n", "12", "--json-schema", str(schema), "x")
+    assert text.returncode == 0 and text.stdout.startswith('"'), text.stderr
+    schema.write_text("{bad")
+    assert_one_line_error(
+        run_ember("generate", *STORY, "--json-schema", str(schema), "x"), "is not valid JSON"
+    )
+    assert_one_line_error(run_ember("generate", *STORY, "--regex", "(", "x"), "invalid regex")
+
+
+def test_output_constraints_in_the_python_api():
+    import ember
+
+    story = ember.load(STORY_MODEL)
+    assert "".join(story.generate("A pet:", choice=["cat", "dog"], seed=1)) in ("cat", "dog")
+    pattern = r"Once upon a time, (there was|a) [a-z]+\."
+    text = "".join(story.generate("Story:", temperature=0, max_tokens=40, regex=pattern))
+    assert re.fullmatch(pattern, text), text
+    with pytest.raises(ember.errors.InvalidRequestError, match="at most one output constraint"):
+        story.generate("x", regex="a", choice=["b"])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from ember.cli.options import (
     add_model_options,
@@ -31,7 +34,48 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="print speed and memory at the end")
     add_model_options(parser)
     add_sampling_options(parser)
+    add_constraint_options(parser)
     parser.set_defaults(run=run)
+
+
+def add_constraint_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output constraint (at most one)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this schema file")
+    which.add_argument("--json", action="store_true", help="the output is a JSON object")
+    which.add_argument("--regex", metavar="R", help="the whole output matches this regular expression")
+    which.add_argument("--grammar", metavar="FILE", help="the output follows this Lark or GBNF grammar file")
+    which.add_argument(
+        "--choice", action="append", metavar="TEXT", help="the output is one of these (repeat the flag)"
+    )
+
+
+def constraint_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`ModelHandle.stream`'s constraint keywords from the flags (files read, JSON parsed)."""
+    options: dict[str, Any] = {}
+    if args.json_schema is not None:
+        text = _read_file(args.json_schema, "--json-schema")
+        try:
+            options["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise EmberError(f"--json-schema {args.json_schema} is not valid JSON: {error}") from None
+    if args.json:
+        options["json"] = True
+    if args.regex is not None:
+        options["regex"] = args.regex
+    if args.grammar is not None:
+        options["grammar"] = _read_file(args.grammar, "--grammar")
+    if args.choice is not None:
+        options["choice"] = list(args.choice)
+    return options
+
+
+def _read_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise EmberError(f"{flag}: cannot read {path}: {reason}") from None
 
 
 def read_prompt(argument: str | None) -> str:
@@ -57,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if args.system is not None and not args.chat:
         raise EmberError("--system needs --chat (a system prompt goes into the chat template)")
     params = sampling_params_from_args(args)  # bad flags fail before the model loads
+    constraint = constraint_options(args)
     prompt = read_prompt(args.prompt)
     if not prompt:
         raise EmberError("the prompt is empty")
@@ -81,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     first_token_at = None
     final = None
     try:
-        for output in handle.stream(prompt_ids, params):
+        for output in handle.stream(prompt_ids, params, **constraint):
             if first_token_at is None:
                 first_token_at = time.perf_counter()
                 close()
