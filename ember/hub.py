@@ -94,50 +94,52 @@ def pull(
     if selection.note:
         say(selection.note)
     name = model_name(repo_id, selection.tag)
+    key = f"{repo_id.replace('/', '--')}--{selection.tag}"
     downloads = downloads_directory(root)
-    downloads.mkdir(parents=True, exist_ok=True)
-    with _exclusive(downloads / f"{repo_id.replace('/', '--')}--{selection.tag}.lock", name):
-        installed = read_manifest(variant_directory(repo_id, selection.tag, root))
-        if _is_current(installed, info.sha, selection, variant_directory(repo_id, selection.tag, root)):
+    parts_directory = downloads / key  # this variant's .part files: only its own (locked) pull touches them
+    parts_directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(downloads / f"{key}.lock", name):
+        directory = variant_directory(repo_id, selection.tag, root)
+        if _is_current(read_manifest(directory), info.sha, selection, directory):
             say(f"{name} is up to date (revision {info.sha[:12]})")
             return resolve_pulled_model(name, root)
         with _hub_errors(repo_id, revision):
             remote_files = [_remote_file(repo_id, info.sha, file_name) for file_name in selection.files]
-        _check_disk_space(remote_files, downloads)
+        _check_disk_space(remote_files, parts_directory)
         try:
-            parts = [_download(remote, downloads, say) for remote in remote_files]
+            parts = [_download(remote, parts_directory, say) for remote in remote_files]
         except ChecksumMismatchError:
             # The repository (or a proxy) serves damaged data: start the next attempt from nothing.
-            for remote in remote_files:
-                _part_path(downloads, remote).unlink(missing_ok=True)
+            shutil.rmtree(parts_directory, ignore_errors=True)
             raise
-        staging = downloads / f"{uuid.uuid4().hex[:12]}.staging"
-        staging.mkdir()
-        try:
-            for remote, part in zip(remote_files, parts, strict=True):
-                os.replace(part, staging / PurePosixPath(remote.name).name)
-            write_manifest(
-                staging,
-                {
-                    "name": name,
-                    "repo_id": repo_id,
-                    "revision": info.sha,
-                    "load": selection.load,
-                    "files": [
-                        {
-                            "name": PurePosixPath(r.name).name,
-                            "repo_path": r.name,
-                            "size": r.size,
-                            "etag": r.etag,
-                        }
-                        for r in remote_files
-                    ],
-                },
-            )
-            install_variant(staging, repo_id, selection.tag, root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        manifest = {
+            "name": name,
+            "repo_id": repo_id,
+            "revision": info.sha,
+            "load": selection.load,
+            "files": [
+                {"name": PurePosixPath(r.name).name, "repo_path": r.name, "size": r.size, "etag": r.etag}
+                for r in remote_files
+            ],
+        }
+        _install(parts, manifest, downloads, repo_id, selection.tag, root)
+        shutil.rmtree(parts_directory, ignore_errors=True)
     return resolve_pulled_model(name, root)
+
+
+def _install(
+    parts: list[Path], manifest: dict[str, Any], downloads: Path, repo_id: str, tag: str, root: Path | None
+) -> None:
+    """Verified parts -> a staging folder with the manifest -> the store, in renames (same file system)."""
+    staging = downloads / f"{uuid.uuid4().hex[:12]}.staging"
+    staging.mkdir()
+    try:
+        for part, entry in zip(parts, manifest["files"], strict=True):
+            os.replace(part, staging / entry["name"])
+        write_manifest(staging, manifest)
+        install_variant(staging, repo_id, tag, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _is_current(

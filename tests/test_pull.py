@@ -100,7 +100,7 @@ def _store(home: Path) -> Path:
 
 
 def _part_files(home: Path) -> list[Path]:
-    return sorted((_store(home) / ".downloads").glob("*.part"))
+    return sorted((_store(home) / ".downloads").rglob("*.part"))
 
 
 def _listed(home: Path) -> dict[str, dict]:
@@ -216,7 +216,7 @@ def test_checksum_mismatch_is_reported_and_nothing_is_kept(hub, home):
     assert "tiny/story" not in _listed(home)
 
 
-def test_unknown_repo_private_repo_and_no_network_are_one_line_errors(hub, home):
+def test_unknown_and_private_repos_are_one_line_errors(hub, home):
     env = _env(home, hub.url)
     result = _ember("pull", "tiny/no-such-model", env=env)
     assert result.returncode == 1
@@ -231,6 +231,9 @@ def test_unknown_repo_private_repo_and_no_network_are_one_line_errors(hub, home)
     assert result.returncode == 0, result.stderr
     assert (_store(home) / "acme" / "private-story" / "safetensors" / "model.safetensors").exists()
 
+
+def test_no_network_offline_mode_and_a_missing_quant_are_one_line_errors(hub, home):
+    env = _env(home, hub.url)
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
@@ -275,7 +278,7 @@ def test_full_disk_stops_the_pull_and_the_next_one_resumes(hub, home):
     assert result.returncode == 1
     assert "the file size limit was reached: model.safetensors stopped at 1.0 MiB" in _error_line(result)
     weights_sha256 = hub.repos["tiny/story"].files["model.safetensors"].sha256
-    part = _store(home) / ".downloads" / f"{weights_sha256}.part"
+    part = _store(home) / ".downloads" / "tiny--story--safetensors" / f"{weights_sha256}.part"
     assert part.stat().st_size == 1 << 20
     assert not (_store(home) / "tiny").exists()
 
