@@ -185,7 +185,10 @@ def test_stop_mid_reply_keeps_the_text_and_a_second_post_gets_409(alice):
         assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "reply_in_progress"
         assert alice.post(f"/v1/sessions/{session['id']}/undo").status_code == 409
         assert alice.post(f"/v1/sessions/{session['id']}/regenerate").status_code == 409
-        assert alice.get(f"/v1/sessions/{session['id']}").json()["replying"] is True
+        live = alice.get(f"/v1/sessions/{session['id']}").json()
+        assert live["replying"] is True and live["messages"][-1]["status"] == "streaming"
+        # Another tab's GET sees the reply as far as it has been written, not the last store write.
+        assert live["messages"][-1]["content"].startswith("".join(event["text"] for event in received))
 
         stopped = alice.post(f"/v1/sessions/{session['id']}/stop").json()
         assert stopped["stopped"] is True and stopped["message"]["status"] == "interrupted"

@@ -130,6 +130,14 @@ class SessionService:
         with self._lock:
             return len(self._replies)
 
+    def live_text(self, session_id: str) -> tuple[str, str] | None:
+        """(message id, text so far) of the reply being written: fresher than the store's copy."""
+        with self._lock:
+            reply = self._replies.get(session_id)
+            if reply is None or not reply.started:
+                return None
+            return reply.message_id, reply.text
+
     def is_replying(self, session_id: str) -> bool:
         with self._lock:
             return session_id in self._replies

@@ -96,4 +96,8 @@ def session_detail(sessions: SessionService, session: Session) -> dict[str, Any]
     """The session with its active conversation, each message with its alternatives."""
     siblings = sessions.store.sibling_ids(session.id)
     messages = [message_json(message, siblings) for message in sessions.store.active_path(session.id)]
+    live = sessions.live_text(session.id)
+    for message in messages:
+        if live is not None and message["id"] == live[0] and message["status"] == "streaming":
+            message["content"] = live[1]  # the store has it as of its last half-second write
     return {**session_json(session, sessions.is_replying(session.id)), "messages": messages}
