@@ -175,3 +175,18 @@ def test_ctrl_c_while_a_long_prompt_is_read_stops_before_the_answer(tmp_path, sm
 
 
 __all__ = ["wait_for_reply_text"]
+
+
+def test_a_stored_infinite_setting_is_reset_and_set_refuses_one(tmp_path):
+    with open_store(tmp_path) as store:  # as an earlier version could store it
+        session = store.create_session(title="Old", sampling={"temperature": float("inf"), "top_k": 7})
+    terminal = Terminal(tmp_path, "--session", session.id, "--max-tokens", "6")
+    assert "temperature=inf were not valid and are back at their defaults" in terminal.banner
+    settings = terminal.say("/set")
+    assert "temperature=0.8" in settings and "top_k=7" in settings and "max_tokens=6" in settings
+    screen = terminal.say("/set temperature=inf")
+    assert "error: temperature must be a finite number" in screen
+    terminal.say("Once upon a time")
+    terminal.say(f"/export {tmp_path / 'old.json'}")
+    terminal.quit()
+    assert "Infinity" not in (tmp_path / "old.json").read_text()

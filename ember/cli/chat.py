@@ -108,8 +108,11 @@ def _open_chat(
     if session_id is None:
         draft = DraftChat(handle, store, system_prompt=args.system, sampling_params=params, title=args.title)
         return draft, []
+    from ember.cli.chat_sessions import repair_stored_sampling
+
     chat = Chat(handle, store, session_id=session_id)
-    notes = []
+    repaired = repair_stored_sampling(store, chat.session_id)
+    notes = [repaired] if repaired else []
     # Flags given on the command line apply, whatever their value (one equal to a default too).
     if explicit_sampling(args):
         before = chat.sampling_params

@@ -124,6 +124,7 @@ class ChatRepl(SessionCommands):
         else:
             print(f'{heading} {session.id} "{session.title or "untitled"}", {session.message_count} messages')
             self.note_model_change()
+            self.repair_stored_sampling()
         if session.system_prompt:
             self.note(f"system: {session.system_prompt}")
         history = self.chat.history

@@ -46,6 +46,11 @@ class SessionCommands:
             before, now = before.name, now.name
         self.note(f"note: this session was written with {before}; {now} answers now")
 
+    def repair_stored_sampling(self) -> None:
+        note = repair_stored_sampling(self.chat.store, self.chat.session_id)
+        if note:
+            self.note(note)
+
     def do_new(self, argument: str, sampling_params: SamplingParams | None = None) -> None:
         self.chat = DraftChat(
             self.chat.model,
@@ -132,3 +137,21 @@ class SessionCommands:
 
     def do_export_replacing(self, argument: str) -> None:
         self.do_export(argument, overwrite=True)
+
+
+def repair_stored_sampling(store: Any, session_id: str) -> str | None:
+    """Reset stored settings that are no longer valid (an inf stored before they were refused), so
+    the session can be used and exported; returns a note naming them, or None when all were valid."""
+    stored = dict(store.get_session(session_id).sampling or {})
+    invalid = []
+    for name, value in stored.items():
+        try:
+            SamplingParams.from_dict({name: value})
+        except InvalidRequestError:
+            invalid.append(name)
+    if not invalid:
+        return None
+    kept = {name: value for name, value in stored.items() if name not in invalid}
+    store.update_session(session_id, sampling=SamplingParams.from_dict(kept).to_dict())
+    shown = ", ".join(f"{name}={stored[name]}" for name in invalid)
+    return f"note: the stored setting(s) {shown} were not valid and are back at their defaults"
