@@ -117,6 +117,13 @@ class GGUFCheckpoint:
         )
 
 
+def _type_name(tensor: torch.Tensor | BlockQuantizedTensor) -> str:
+    """The GGML type a loaded tensor came as ("Q4_K", "F16", ...)."""
+    if isinstance(tensor, BlockQuantizedTensor):
+        return tensor.quant_type
+    return {dtype: name for name, dtype in FLOAT_TYPES.items()}[tensor.dtype]
+
+
 def _numel(tensor: torch.Tensor | BlockQuantizedTensor) -> int:
     if isinstance(tensor, BlockQuantizedTensor):
         return int(np.prod(tensor.shape))
@@ -178,7 +185,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         path=path,
         gguf_version=int(reader.fields["GGUF.version"].parts[0][0]),
         file_size=path.stat().st_size,
-        tensor_types={name: tensor.tensor_type.name for name, tensor in raw_tensors.items()},
+        tensor_types={name: _type_name(tensor) for name, tensor in tensors.items()},
         rope_freq_factors=rope_freq_factors,
     )
 
@@ -247,7 +254,7 @@ def _config_from_metadata(
     ]
     file_type = metadata.get("general.file_type")
     has_bias = any(name.endswith("_proj.bias") for name in raw_tensors)
-    extra = architecture_fields(architecture, optional, settings or {}, rope_scaling)
+    extra = {"rope_scaling": rope_scaling, **architecture_fields(architecture, optional, settings or {})}
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[architecture],
         hidden_size=required("embedding_length"),

@@ -70,10 +70,10 @@ def architecture_fields(
     architecture: str,
     optional: Callable[[str, Any], Any],
     settings: dict[str, torch.Tensor],
-    rope_scaling: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """ModelConfig fields only this architecture's metadata carries; `optional(key, default)` reads
-    `{architecture}.{key}`, `settings` are the setting tensors (Phi-3's rope factors)."""
+    `{architecture}.{key}`, `settings` are the setting tensors (Phi-3's rope factors). A "rope_scaling"
+    returned here replaces the one read from the generic rope keys."""
     if architecture == "qwen3moe":
         return {
             "num_experts": optional("expert_count", 0),
@@ -112,7 +112,7 @@ def architecture_fields(
         if attention_factor is not None:
             scaling["attention_factor"] = float(str(np.float32(attention_factor)))
         return {"rope_scaling": scaling}
-    return {"rope_scaling": rope_scaling} if rope_scaling is not None else {}
+    return {}
 
 
 def transform_tensors(architecture: str, tensors: dict[str, Any], num_experts: int) -> dict[str, Any]:
