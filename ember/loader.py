@@ -87,6 +87,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
         return _read_gguf(path)
     if path.suffix == ".safetensors":
         return read_hf_folder(path.parent)
+    from ember.formats.rwkv_cpp import has_rwkv_cpp_magic, read_rwkv_cpp
+    from ember.formats.rwkv_pth import read_rwkv_pth
+
+    if path.suffix.lower() == ".pth":
+        return read_rwkv_pth(path)
+    if has_rwkv_cpp_magic(path):
+        return read_rwkv_cpp(path)
     raise ModelLoadError(f"{path} is not a model ember can read (an HF folder or a .gguf file)")
 
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ember.config import ModelConfig
 from ember.tokenizer import Tokenizer
 
+if TYPE_CHECKING:  # a runtime import would cycle through ember.models
+    from ember.models.rwkv_config import RWKVConfig
+
 
 @dataclass
 class Checkpoint:
     """What every format reader returns: config, named tensors (HF names), tokenizer."""
 
-    config: ModelConfig
+    config: ModelConfig | RWKVConfig
     tensors: dict[str, Any]  # torch.Tensor or BlockQuantizedTensor
     tokenizer: Tokenizer
     path: Path
