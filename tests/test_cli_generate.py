@@ -146,3 +146,28 @@ def test_output_constraints_in_the_python_api():
     assert re.fullmatch(pattern, text), text
     with pytest.raises(ember.errors.InvalidRequestError, match="at most one output constraint"):
         story.generate("x", regex="a", choice=["b"])
+
+
+def test_a_subcommand_missing_a_dependency_is_an_error_not_a_missing_command(monkeypatch, capsys):
+    import builtins
+
+    from ember.cli import main as cli_main
+
+    real_import = builtins.__import__
+
+    def importing(missing: str):
+        def fake_import(name, *args, **kwargs):
+            if name == "ember.cli.serve":
+                raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+            return real_import(name, *args, **kwargs)
+
+        return fake_import
+
+    monkeypatch.setattr(builtins, "__import__", importing("ember.cli.serve"))
+    assert "serve" not in cli_main.build_parser().format_help()  # the module itself is absent: skipped
+    monkeypatch.setattr(builtins, "__import__", importing("uvicorn"))
+    with pytest.raises(ModuleNotFoundError, match="uvicorn"):
+        cli_main.build_parser()
+    assert cli_main.main(["info", str(STORY_MODEL)]) == 1
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and "No module named 'uvicorn'" in error_lines[0]
