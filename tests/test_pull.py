@@ -230,6 +230,10 @@ def test_unknown_and_private_repos_are_one_line_errors(hub, home):
     result = _ember("pull", "acme/private-story", env=_env(home, hub.url, HF_TOKEN="hf_secret_token"))
     assert result.returncode == 0, result.stderr
     assert (_store(home) / "acme" / "private-story" / "safetensors" / "model.safetensors").exists()
+    # The token goes to the Hub, never to the CDN (another origin).
+    resolves = [request for request in hub.requests if request.path.startswith("/acme/private-story/res")]
+    assert resolves and all(request.authorization == "Bearer hf_secret_token" for request in resolves)
+    assert hub.cdn_gets() and all(request.authorization is None for request in hub.cdn_gets())
 
 
 def test_no_network_offline_mode_and_a_missing_quant_are_one_line_errors(hub, home):
