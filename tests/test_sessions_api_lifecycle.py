@@ -24,7 +24,18 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(data_dir):
     # --drain-timeout 0: SIGTERM cuts replies at once (a drain would let a long one finish first).
-    server = EmberServer(model="smollm2", args=["--data-dir", str(data_dir), "--drain-timeout", "0"])
+    # One sequence at a time and a short queue timeout: a second reply waits, then gets 503.
+    arguments = [
+        "--data-dir",
+        str(data_dir),
+        "--drain-timeout",
+        "0",
+        "--max-batch",
+        "1",
+        "--queue-timeout",
+        "2",
+    ]
+    server = EmberServer(model="smollm2", args=arguments)
     server.start()
     try:
         yield server
@@ -61,26 +72,46 @@ def test_http_and_terminal_sessions_are_the_same_sessions(server, data_dir):
         assert next(s for s in listed if s["id"] == session["id"])["message_count"] == 2
 
 
-def start_long_reply(client: httpx.Client, session_id: str, content: str):
-    """Post a message whose reply runs until stopped; returns once part of it is on disk."""
+def start_long_reply(client: httpx.Client, session_id: str, content: str, data_dir):
+    """Post a message whose reply runs until stopped; returns once part of it is in the file."""
     stream = client.stream(
         "POST", f"/v1/sessions/{session_id}/messages", json={"content": content, "stream": True}
     )
     response = stream.__enter__()
     events = sse_events(response)
-    assert next(events)["type"] == "start" and next(events)["type"] == "delta"
+    start = next(events)
+    assert start["type"] == "start" and next(events)["type"] == "delta"
+    with SessionStore(data_dir / "sessions.sqlite3") as store:  # what a crash would leave
 
-    def stored_partial() -> str | None:
-        reply = messages(client, session_id)[-1]
-        return reply["content"] if reply["role"] == "assistant" and reply["content"] else None
+        def stored_partial() -> str | None:
+            return store.get_message(start["message_id"]).content or None
 
-    return stream, wait_until(stored_partial)
+        return stream, wait_until(stored_partial)
 
 
-def test_kill_9_mid_reply_keeps_both_messages_with_the_reply_interrupted(server):
+def test_a_reply_that_cannot_begin_in_time_is_a_503_and_the_message_is_kept(server, data_dir):
+    with server.client() as client:
+        busy = new_session(client, settings=LONG_REPLY)
+        waiting = new_session(client, settings={"temperature": 0, "max_tokens": 8})
+        stream, _ = start_long_reply(client, busy["id"], "Talk for a long time.", data_dir)
+        try:
+            response = client.post(f"/v1/sessions/{waiting['id']}/messages", json={"content": "Hi there"})
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "queue_timeout" and response.headers["retry-after"]
+        finally:
+            client.post(f"/v1/sessions/{busy['id']}/stop")
+            stream.__exit__(None, None, None)
+        wait_until(lambda: not client.get(f"/v1/sessions/{waiting['id']}").json()["replying"])
+        stored = messages(client, waiting["id"])
+        assert stored[0]["content"] == "Hi there"  # the user's message was on disk and stays
+        assert all(message["status"] != "streaming" for message in stored)
+        assert say(client, waiting["id"], "Hello again")["status"] == "complete"  # free again
+
+
+def test_kill_9_mid_reply_keeps_both_messages_with_the_reply_interrupted(server, data_dir):
     with server.client() as client:
         session = new_session(client, title="crash", settings=LONG_REPLY)
-        stream, partial = start_long_reply(client, session["id"], "Tell me a very long story.")
+        stream, partial = start_long_reply(client, session["id"], "Tell me a very long story.", data_dir)
         server.kill()
         try:
             stream.__exit__(None, None, None)
@@ -107,7 +138,7 @@ def test_kill_9_mid_reply_keeps_both_messages_with_the_reply_interrupted(server)
 def test_sigterm_mid_reply_stores_it_as_interrupted_before_exit(server, data_dir):
     with server.client() as client:
         session = new_session(client, title="stopping", settings=LONG_REPLY)
-        stream, partial = start_long_reply(client, session["id"], "Count to a million.")
+        stream, partial = start_long_reply(client, session["id"], "Count to a million.", data_dir)
         server.send_signal(signal.SIGTERM)
         try:
             stream.__exit__(None, None, None)

@@ -8,6 +8,7 @@ failure before the first token is a plain HTTP error.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 from collections.abc import AsyncIterator, Callable
@@ -41,6 +42,7 @@ from ember.server.sessions_protocol import (
 from ember.sessions import Session
 
 router = APIRouter(tags=["sessions"])
+RETRY_AFTER_SECONDS = 5
 REPLY_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     200: {
@@ -75,19 +77,30 @@ async def _reply_response(
     sessions = sessions_for(request)
     listener = Listener()
     sessions.start_reply(session.id, kind, action, listener)
-    first = await listener.queue.get()
+    first = await listener.queue.get()  # start (the messages are stored) or error
     if first["type"] == "error":
         return _error_response(first)
-    if not stream:
-        while True:
-            event = await listener.queue.get()
-            if event["type"] == "done":
-                return JSONResponse({**event["message"], "usage": event["usage"]})
-            if event["type"] == "error":
-                return _error_response(event)
-    second = await listener.queue.get()
+    # As the OpenAI routes do, a reply that cannot begin within the queue timeout is a 503.
+    queue_timeout = getattr(request.app.state.service, "queue_timeout", None)
+    try:
+        second = await asyncio.wait_for(listener.queue.get(), queue_timeout)
+    except TimeoutError:
+        sessions.stop(session.id)
+        raise ApiError(
+            503,
+            f"the server is busy: the reply did not begin within {queue_timeout:g} s (it is kept, stopped)",
+            code="queue_timeout",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
     if second["type"] == "error":
         return _error_response(second)
+    if not stream:
+        event = second
+        while event["type"] not in ("done", "error"):
+            event = await listener.queue.get()
+        if event["type"] == "error":
+            return _error_response(event)
+        return JSONResponse({**event["message"], "usage": event["usage"]})
 
     async def events() -> AsyncIterator[bytes]:
         # A client that goes away only stops listening: the reply goes on and is stored.
