@@ -235,7 +235,11 @@ def _download(remote: RemoteFile, downloads: Path, say: Callable[[str], None]) -
 
 
 def _interrupted(remote: RemoteFile, got: int, error: BaseException) -> PullError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    response = getattr(error, "response", None)
+    if response is not None and getattr(response, "status_code", None):
+        reason = f"the server answered {response.status_code}"
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return PullError(
         f"download of {remote.name} stopped at {_mib(got)} of {_mib(remote.size or 0)} ({reason}); "
         "run the same `ember pull` again to resume"

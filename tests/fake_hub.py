@@ -64,6 +64,7 @@ class Request:
 class TransferBreak:
     after_bytes: int  # the first GET of the file stops after this many bytes
     refusals: int = 0  # then this many GETs answer 500 before the file is served again
+    stall: threading.Event | None = None  # if set: hold the connection open (sending nothing) until it is set
     used: bool = False
 
 
@@ -93,9 +94,16 @@ class FakeHub:
         hub_file = self.repos[repo_id].files[name]
         hub_file.sha256 = hashlib.sha256(hub_file.data + b"corrupted").hexdigest()
 
-    def break_transfer(self, repo_id: str, name: str, after_bytes: int, refusals: int = 0) -> None:
+    def break_transfer(
+        self,
+        repo_id: str,
+        name: str,
+        after_bytes: int,
+        refusals: int = 0,
+        stall: threading.Event | None = None,
+    ) -> None:
         hub_file = self.repos[repo_id].files[name]
-        self.breaks[hub_file.sha256] = TransferBreak(after_bytes=after_bytes, refusals=refusals)
+        self.breaks[hub_file.sha256] = TransferBreak(after_bytes=after_bytes, refusals=refusals, stall=stall)
 
     def file_by_sha256(self, sha256: str) -> HubFile | None:
         for repo in self.repos.values():
@@ -251,7 +259,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             body = data[start:]
             if send_body and transfer_break is not None and not transfer_break.used:
                 transfer_break.used = True
-                return self._send_broken(status, headers, body, transfer_break.after_bytes)
+                return self._send_broken(status, headers, body, transfer_break)
             self._send(status, headers, body, send_body)
 
         def _send(self, status: int, headers: dict[str, str], body: bytes, send_body: bool) -> None:
@@ -265,15 +273,20 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 for offset in range(0, len(body), 1 << 20):
                     self.wfile.write(view[offset : offset + (1 << 20)])
 
-        def _send_broken(self, status: int, headers: dict[str, str], body: bytes, after_bytes: int) -> None:
-            """Promise the whole body, send part of it, and drop the connection."""
+        def _send_broken(self, status: int, headers: dict, body: bytes, broken: TransferBreak) -> None:
+            """Promise the whole body, send part of it, (stall,) and drop the connection."""
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[:after_bytes])
-            self.wfile.flush()
+            try:
+                self.wfile.write(body[: broken.after_bytes])
+                self.wfile.flush()
+            except OSError:  # the client went away first
+                pass
+            if broken.stall is not None:
+                broken.stall.wait(timeout=120)
             self.close_connection = True
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)

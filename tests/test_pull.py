@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,15 +27,15 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORY_FILES = {path.name: path for path in STORY_MODEL.iterdir()}
 
 
-def _small_gguf(path: Path) -> Path:
-    """A valid (tiny, not runnable) GGUF whose header says Q8_0: a second quantization in the repo."""
+def _small_gguf(path: Path, rows: int = 64, file_type: str = "MOSTLY_Q8_0") -> Path:
+    """A valid (not runnable) GGUF whose header says Q8_0: a second quantization in the repo."""
     import gguf
     import numpy as np
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(gguf.LlamaFileType[file_type])
     writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((rows, 32), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -193,6 +195,47 @@ def test_transfer_broken_in_the_middle_resumes_on_the_next_pull(hub, home):
     pulled = _store(home) / "tiny" / "smol-GGUF" / "Q4_1" / SMOLLM2_NAME
     assert _sha256(pulled) == sha256
     assert _part_files(home) == []
+
+
+def test_ctrl_c_keeps_the_download_and_the_next_pull_resumes(hub, home, tmp_path):
+    """SIGINT while the transfer hangs at 21 MiB of 24: exit 130, 20 MiB kept (whole 10 MiB chunks)."""
+    big = _small_gguf(tmp_path / "big.gguf", rows=192 << 10, file_type="ALL_F32")  # 24 MiB of float32
+    hub.add_repo("tiny/big-GGUF", {"big-F32.gguf": big})
+    release = threading.Event()
+    hub.break_transfer("tiny/big-GGUF", "big-F32.gguf", after_bytes=21 << 20, stall=release)
+    env = _env(home, hub.url)
+    parts_directory = _store(home) / ".downloads" / "tiny--big-GGUF--F32"
+    stderr_file = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe nobody reads while polling
+    process = subprocess.Popen(
+        [*EMBER, "pull", "tiny/big-GGUF:F32"], env=env, stdout=subprocess.DEVNULL, stderr=stderr_file
+    )
+    try:
+        deadline = time.monotonic() + 150  # a bound on a hung test, not a speed check
+        while sum(part.stat().st_size for part in parts_directory.glob("*.part")) < 20 << 20:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        release.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stderr_file.seek(0)
+        stderr = stderr_file.read()
+        stderr_file.close()
+    assert process.returncode == 130
+    assert "interrupted: the bytes so far are kept" in stderr
+    (part,) = parts_directory.glob("*.part")
+    assert part.stat().st_size == 20 << 20
+    assert not (_store(home) / "tiny" / "big-GGUF").exists()
+
+    hub.requests.clear()
+    result = _ember("pull", "tiny/big-GGUF:F32", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "resuming big-F32.gguf at 20.0 MiB" in result.stderr
+    assert [request.range for request in hub.cdn_gets()] == [f"bytes={20 << 20}-"]
+    assert _sha256(_store(home) / "tiny" / "big-GGUF" / "F32" / "big-F32.gguf") == _sha256(big)
 
 
 def test_connection_dropped_once_is_retried_within_the_pull(hub, home):
