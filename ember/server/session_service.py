@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.chat import Chat
-from ember.errors import ContextOverflowError, EmberError
+from ember.errors import EmberError
 from ember.server.errors import ApiError, api_error_from_ember_error
 from ember.server.sessions_protocol import message_json
 from ember.sessions import NotFoundError, SessionStore
@@ -346,11 +346,3 @@ class SessionService:
                 except EmberError:
                     log.exception("storing an unfinished reply failed")
         return len(replies)
-
-
-def error_event_for(error: BaseException) -> dict[str, Any]:
-    """An `error` event (WebSocket) for a failure of a session operation."""
-    api_error = as_api_error(error)
-    if isinstance(error, ContextOverflowError):
-        api_error.param = "content"
-    return api_error_event(api_error)

@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from ember.errors import InvalidRequestError
 from ember.sampling import SamplingParams
 from ember.server.errors import ApiError
+from ember.server.session_service import STOP_WAIT_SECONDS
 from ember.server.sessions_access import (
     ERRORS,
     find_session,
@@ -148,7 +149,7 @@ def delete_session(request: Request, session_id: str, owner: str | None = Depend
     session = find_session(sessions, session_id, owner)
     reply = sessions.stop(session.id)
     if reply is not None:
-        reply.finished.wait(10.0)
+        reply.finished.wait(STOP_WAIT_SECONDS)
     sessions.claim(session.id)
     try:
         sessions.store.delete_session(session.id)

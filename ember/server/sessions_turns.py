@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ember.chat import Chat
 from ember.errors import EmberError
 from ember.server.errors import ApiError
-from ember.server.session_service import Listener, as_api_error
+from ember.server.session_service import STOP_WAIT_SECONDS, Listener, as_api_error
 from ember.server.sessions_access import (
     ERRORS,
     find_message,
@@ -255,7 +255,7 @@ async def stop_reply(
     reply = sessions.stop(session.id)
     if reply is None:
         return {"stopped": False, "message": None}
-    await run_in_threadpool(reply.finished.wait, 10.0)
+    await run_in_threadpool(reply.finished.wait, STOP_WAIT_SECONDS)
     message = None
     if reply.message_id is not None:
         siblings = await run_in_threadpool(sessions.store.sibling_ids, session.id)
