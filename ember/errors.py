@@ -29,3 +29,7 @@ class ContextOverflowError(EmberError):
 
 class InvalidRequestError(EmberError):
     """A request's parameters are out of range or inconsistent."""
+
+
+class GenerationError(EmberError):
+    """Generating a reply failed inside the engine (the text so far is kept)."""

@@ -26,7 +26,7 @@ def store(tmp_path):
 
 def _from_scratch(model: ember.ModelHandle, chat: Chat) -> str:
     """The reply to the chat's current history computed with an empty cache."""
-    messages = chat._messages_for(chat.history[:-1])
+    messages = [message for _, message in chat._entries_for(chat.history[:-1])]
     prompt = model.encode(chat.template.render(messages, add_generation_prompt=True))
     return "".join(model.generate(prompt, **GREEDY.to_dict()))
 
@@ -94,7 +94,7 @@ def test_overflowing_conversation_keeps_answering_with_its_system_prompt(store):
     assert max(dropped) > 0
     assert chat.session.system_prompt == system
     assert len(chat.history) == 12  # everything is kept in the store; only the prompt was trimmed
-    prompt = small.decode(chat._fit_prompt(chat._messages_for(chat.history))[0])
+    prompt = small.decode(chat._fit_prompt(chat._entries_for(chat.history))[0])
     assert system in prompt
 
 
