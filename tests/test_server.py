@@ -273,3 +273,10 @@ def test_models_health_metrics_openapi(server):
         assert name in metrics
     schema = httpx.get(server.base_url + "/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"] and "/v1/completions" in schema["paths"]
+
+
+def test_open_server_without_cors_origin_sends_no_cors_headers(server):
+    response = httpx.get(server.base_url + "/v1/models", headers={"Origin": "http://page.example"})
+    assert response.status_code == 200  # no key configured: open, as the startup line says
+    assert "access-control-allow-origin" not in response.headers
+    assert "API key off" in server.output()

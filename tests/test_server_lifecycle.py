@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import REPO_ROOT, STORY_MODEL, EmberServer, running_server
+from server_harness import REPO_ROOT, STORY_MODEL, EmberServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,9 +29,13 @@ def finish_reasons(events: list) -> list:
     return [e["choices"][0]["finish_reason"] for e in events if isinstance(e, dict) and e["choices"]]
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits_0():
+def test_startup_lines_then_sigterm_lets_a_running_stream_finish_and_exits_0():
     server = EmberServer(model=STORY_MODEL, args=["--drain-timeout", "60"]).start()
     try:
+        output = server.output()  # the startup lines: model, address, loading progress
+        assert f"model story, listening on {server.base_url}" in output
+        assert "loading story: layer 2/2" in output
+        assert "ready: story" in output and f"open {server.base_url}" in output
         events: list = []
         started = threading.Event()
         body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}
@@ -68,21 +72,12 @@ def test_sigterm_cuts_replies_past_the_drain_timeout_with_abort():
         server.stop()
 
 
-def test_startup_prints_model_address_and_loading_progress():
-    with running_server(model=STORY_MODEL) as server:
-        output = server.output()
-        assert f"model story, listening on {server.base_url}" in output
-        assert "loading story: layer 2/2" in output
-        assert "ready: story" in output and f"open {server.base_url}" in output
-
-
 def test_a_model_that_fails_to_load_is_503_with_the_reason(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 60)
     server = EmberServer(model=str(broken))
     server.process = None
     # start() waits for 200, which never comes: drive the process by hand.
-
 
     process = subprocess.Popen(
         server.command(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -57,6 +57,38 @@ def _include_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
+def _document_400_not_422(app: FastAPI) -> None:
+    """Validation errors are answered 400 in OpenAI's shape; say so in /openapi.json instead of 422."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        error = {"$ref": "#/components/schemas/ErrorResponse"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses.setdefault(
+                        "400",
+                        {
+                            "description": "Invalid request",
+                            "content": {"application/json": {"schema": error}},
+                        },
+                    )
+        components = schema.get("components", {}).get("schemas", {})
+        if "ErrorResponse" in components:
+            text = str(schema.get("paths"))
+            for name in ("HTTPValidationError", "ValidationError"):
+                if name in components and f"/{name}'" not in text:
+                    components.pop(name)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: ServerSettings, service: EngineService) -> FastAPI:
     """The app for one served model; the model loads in the background when the app starts."""
 
@@ -83,6 +115,7 @@ def create_app(settings: ServerSettings, service: EngineService) -> FastAPI:
     app.include_router(openai_routes.router)
     _include_sessions_routes(app)
     _include_page(app)
+    _document_400_not_422(app)
 
     # Added innermost first: CORS (outermost) -> request metrics -> auth -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

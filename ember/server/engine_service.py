@@ -173,6 +173,9 @@ class EngineService:
         # Called when a drain's grace time is over, before replies are cut: other front ends
         # (the sessions API) register here to mark their replies in progress as interrupted.
         self.drain_callbacks: list[Callable[[], None]] = []
+        # Replies other front ends have in progress (each callable returns a count): a drain waits
+        # for these too, up to its timeout.
+        self.active_counters: list[Callable[[], int]] = []
         self.metrics.watch_engine(lambda: self.engine, lambda: len(self._active))
 
     @property
@@ -276,7 +279,18 @@ class EngineService:
 
     @property
     def active_count(self) -> int:
+        """Engine requests of the OpenAI routes still running."""
         return len(self._active)
+
+    def busy_count(self) -> int:
+        """Everything a drain waits for: the OpenAI routes' requests and other front ends' replies."""
+        total = len(self._active)
+        for counter in list(self.active_counters):
+            try:
+                total += int(counter())
+            except Exception:  # a broken counter must not stop the server from stopping
+                log.exception("an active-reply counter failed")
+        return total
 
     def begin_drain(self) -> None:
         self.draining = True

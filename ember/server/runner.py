@@ -42,12 +42,11 @@ class DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         service = self.service
-        if service.active_count:
-            _say(
-                f"stopping: waiting up to {self.drain_timeout:g} s for {service.active_count} running replies"
-            )
+        busy = service.busy_count()
+        if busy:
+            _say(f"stopping: waiting up to {self.drain_timeout:g} s for {busy} running replies")
         deadline = time.monotonic() + self.drain_timeout
-        while service.active_count and time.monotonic() < deadline:
+        while service.busy_count() and time.monotonic() < deadline:
             time.sleep(0.05)
         for callback in list(service.drain_callbacks):
             try:
