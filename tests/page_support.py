@@ -105,10 +105,13 @@ def open_page(
     viewport: dict[str, int] | None = None,
     new_chat_settings: dict[str, Any] | None = None,
     context: Any = None,
+    permissions: list[str] | None = None,
 ) -> tuple[Any, PageProblems]:
     """A page on the server in a new browser context (fresh storage) unless `context` is given."""
     if context is None:
-        context = browser.new_context(viewport=viewport or DESKTOP, color_scheme=color_scheme)
+        context = browser.new_context(
+            viewport=viewport or DESKTOP, color_scheme=color_scheme, permissions=permissions or []
+        )
         settings = QUICK_SETTINGS if new_chat_settings is None else new_chat_settings
         defaults = json.dumps({"system_prompt": None, "settings": settings})
         context.add_init_script(f"localStorage.setItem('ember.newChatSettings', {json.dumps(defaults)});")

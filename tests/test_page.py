@@ -49,8 +49,8 @@ def api_session(server, session_id: str) -> dict:
 RECORD_LENGTHS = """() => {
   window.replyLengths = [];
   new MutationObserver(() => {
-    const body = document.querySelector('.message.assistant.streaming .message-body');
-    if (body) window.replyLengths.push(body.innerText.trim().length);
+    const reply = document.querySelector('.message.assistant.streaming');
+    if (reply) window.replyLengths.push([reply.dataset.messageId, reply.innerText.trim().length]);
   }).observe(document.querySelector('#messages'), { subtree: true, childList: true, characterData: true });
 }"""
 
@@ -60,20 +60,30 @@ def test_a_reply_grows_on_the_page_while_it_streams(server, browser):
     page.evaluate(RECORD_LENGTHS)
     send(page, "Tell me about the sea in three sentences.")
     page.wait_for_selector(".message.assistant.streaming")
+    # The box stays usable: a message sent now waits, in the box, until this reply ends.
+    page.fill("#prompt", "Thank you!")
+    page.press("#prompt", "Enter")
+    assert "Sends when this reply finishes" in page.locator("#hint").inner_text()
+    assert page.input_value("#prompt") == "Thank you!"
     screenshot(page, "desktop-light-streaming")
+    page.wait_for_function("() => document.querySelectorAll('.message.user').length === 2")
     wait_until_idle(page)
+    first_reply = page.locator(".message.assistant").first.get_attribute("data-message-id")
+    recorded = page.evaluate("window.replyLengths")
+    lengths = sorted({length for message_id, length in recorded if message_id == first_reply and length})
+    assert page.input_value("#prompt") == ""
+    assert page.locator(".message.user .message-body").all_inner_texts() == [
+        "Tell me about the sea in three sentences.",
+        "Thank you!",
+    ]
 
-    lengths = sorted({length for length in page.evaluate("window.replyLengths") if length > 0})
     assert len(lengths) >= 3, f"the reply did not grow in steps while streaming: {lengths}"
-    final = assistant_texts(page)[-1].strip()
+    final = assistant_texts(page)[0]
     assert final and len(final) >= lengths[-1] - 1
-    assert page.locator(".message.user .message-body").last.inner_text() == (
-        "Tell me about the sea in three sentences."
-    )
     # The chat is in the sidebar (titled after its first message) and on the server.
     assert page.locator("#session-list .session.current").inner_text().startswith("Tell me about the sea")
     stored = api_session(server, current_session_id(page))
-    assert [message["role"] for message in stored["messages"]] == ["user", "assistant"]
+    assert [message["role"] for message in stored["messages"]] == ["user", "assistant"] * 2
     assert stored["messages"][1]["status"] == "complete"
     # Shown quietly: the model, the context used, the last reply's speed.
     assert page.locator("#stat-model").inner_text() == "smollm2"
@@ -83,16 +93,40 @@ def test_a_reply_grows_on_the_page_while_it_streams(server, browser):
     page.context.close()
 
 
-def test_stop_keeps_the_partial_reply_and_a_reload_still_shows_it(server, browser):
+STREAMING_LENGTH = """() => {
+  const body = document.querySelector('.message.assistant.streaming .message-body');
+  return body ? body.innerText.trim().length : -1;
+}"""
+AT_END = """() => {
+  const view = document.querySelector('#conversation');
+  return view.scrollHeight - view.scrollTop - view.clientHeight < 60;
+}"""
+
+
+def test_follow_unless_scrolled_up_then_stop_keeps_the_partial_reply_then_continue(server, browser):
     long_reply = {"max_tokens": 400, "ignore_eos": True, "seed": 5}
-    page, problems = open_page(browser, server.base_url, new_chat_settings=long_reply)
+    short_window = {"width": 1280, "height": 520}
+    page, problems = open_page(browser, server.base_url, new_chat_settings=long_reply, viewport=short_window)
     send(page, "Write a long story about a lighthouse keeper.")
     page.wait_for_function(
-        """() => {
-          const body = document.querySelector('.message.assistant.streaming .message-body');
-          return body && body.innerText.trim().length > 40;
-        }"""
+        "() => { const view = document.querySelector('#conversation');"
+        " return document.querySelector('.message.streaming')"
+        " && view.scrollHeight > view.clientHeight + 80; }"
     )
+    assert page.evaluate(AT_END), "the view did not follow the growing reply"
+
+    # Scrolled up, the view stays where the reader put it while the reply goes on growing.
+    page.hover("#conversation")
+    page.mouse.wheel(0, -5000)
+    page.wait_for_function("() => document.querySelector('#conversation').scrollTop === 0")
+    grown_from = page.evaluate(STREAMING_LENGTH)
+    page.wait_for_function(f"() => ({STREAMING_LENGTH})() > {grown_from} + 20")
+    assert page.evaluate("document.querySelector('#conversation').scrollTop") == 0
+    jump = page.get_by_role("button", name="Jump to latest", exact=True)
+    assert jump.is_visible()
+    jump.click()
+    page.wait_for_function(AT_END)
+
     page.get_by_role("button", name="Stop", exact=True).click()
     wait_until_idle(page)
     reply = page.locator(".message.assistant").last
@@ -107,17 +141,32 @@ def test_stop_keeps_the_partial_reply_and_a_reload_still_shows_it(server, browse
     reloaded = page.locator(".message.assistant").last
     assert reloaded.get_attribute("data-status") == "interrupted"
     assert reloaded.locator(".message-body").inner_text() == partial
-    stored = api_session(server, current_session_id(page))["messages"][-1]
+    session_id = current_session_id(page)
+    stored = api_session(server, session_id)["messages"][-1]
     assert stored["status"] == "interrupted" and stored["content"].strip()
+
+    # Continue writes on in the same message, after what was kept.
+    reloaded.get_by_role("button", name="Continue", exact=True).click()
+    page.wait_for_function(f"() => ({STREAMING_LENGTH})() > {len(partial.strip())} + 20")
+    page.get_by_role("button", name="Stop", exact=True).click()
+    wait_until_idle(page)
+    messages = api_session(server, session_id)["messages"]
+    assert len(messages) == 2
+    assert messages[-1]["content"].startswith(stored["content"])
+    assert len(messages[-1]["content"]) > len(stored["content"]) + 20
     problems.check()
     page.context.close()
 
 
 def test_regenerate_then_move_between_the_alternatives(server, browser):
-    page, problems = open_page(browser, server.base_url)
+    clipboard = ["clipboard-read", "clipboard-write"]
+    page, problems = open_page(browser, server.base_url, permissions=clipboard)
     send(page, "Name a colour and say why you like it.")
     wait_until_idle(page)
     first = assistant_texts(page)[-1]
+    page.locator(".message.assistant .message-actions").get_by_role("button", name="Copy", exact=True).click()
+    stored = api_session(server, current_session_id(page))["messages"][-1]["content"]
+    assert page.evaluate("navigator.clipboard.readText()") == stored
     page.locator(".message.assistant").last.get_by_role("button", name="Regenerate", exact=True).click()
     page.wait_for_selector(".message.assistant.streaming")
     wait_until_idle(page)

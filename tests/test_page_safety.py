@@ -245,10 +245,14 @@ def test_screenshots_of_the_main_states(server, browser, data_dir, scheme):
         showcase = client.post("/v1/sessions", json=body).json()
     stored_conversation(data_dir, showcase["id"], [("How do I reverse a list in Python?", SHOWCASE_REPLY)])
 
-    page, problems = open_page(browser, server.base_url, color_scheme=scheme)
+    clipboard = ["clipboard-read", "clipboard-write"]
+    page, problems = open_page(browser, server.base_url, color_scheme=scheme, permissions=clipboard)
     screenshot(page, f"desktop-{scheme}-empty")
     page.locator("#session-list .session-open", has_text=f"Reversing a list ({scheme})").click()
     page.wait_for_selector(".message.assistant .code-block")
+    page.locator(".code-block").get_by_role("button", name="Copy", exact=True).click()
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied.startswith("def reversed_copy(items: list) -> list:") and "```" not in copied
     send(page, "And in JavaScript, briefly?")
     wait_until_idle(page)
     screenshot(page, f"desktop-{scheme}-conversation")

@@ -8,7 +8,8 @@ import * as esbuild from 'esbuild';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const source = path.join(here, 'src');
-const output = path.join(here, '..', 'ember', 'server', 'static');
+// `node build.mjs [DIR]`: DIR (default ember/server/static) receives the files; tests build elsewhere to compare.
+const output = process.argv[2] ? path.resolve(process.argv[2]) : path.join(here, '..', 'ember', 'server', 'static');
 
 await mkdir(output, { recursive: true });
 for (const name of await readdir(output)) await rm(path.join(output, name), { recursive: true });
