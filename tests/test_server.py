@@ -280,3 +280,19 @@ def test_open_server_without_cors_origin_sends_no_cors_headers(server):
     assert response.status_code == 200  # no key configured: open, as the startup line says
     assert "access-control-allow-origin" not in response.headers
     assert "API key off" in server.output()
+
+
+def test_n_streamed_choices_each_finish(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "n": 3, "seed": 1, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=120) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    finished = {
+        e["choices"][0]["index"]: e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]
+    }
+    assert sorted(finished) == [0, 1, 2] and set(finished.values()) <= {"stop", "length"}
+    texts = {
+        i: "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i)
+        for i in range(3)
+    }
+    assert all(texts.values())

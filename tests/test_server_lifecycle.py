@@ -100,7 +100,7 @@ def test_a_model_that_fails_to_load_is_503_with_the_reason(tmp_path):
         models = httpx.get(server.base_url + "/v1/models")
         assert models.status_code == 503 and "failed to load" in models.json()["error"]["message"]
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGINT)  # Ctrl-C stops it like SIGTERM, with exit status 0
         assert process.wait(timeout=30) == 0
         process.stdout.close()
 
