@@ -117,4 +117,4 @@ def test_default_low_bit_form_stays_close(exact, gemma3_path):
     tokens = exact.encode(LONG_TEXT)[:200]
     agreement = (handle.logits(tokens).argmax(-1) == exact.logits(tokens).argmax(-1)).float().mean().item()
     print(f"{handle.info.quant}: top-1 agreement with float32 over {len(tokens)} positions: {agreement:.3f}")
-    assert agreement >= 0.9
+    assert agreement >= 0.98  # the bar for the file run from its own bytes; 0.995 measured

@@ -151,7 +151,12 @@ class Gemma3Model:
         embedding = tensor("model.embed_tokens.weight", (None, hidden))
         output = embedding if config.tie_word_embeddings else tensor("lm_head.weight", (None, hidden))
         self.lm_head = linear_factory([output], None)
-        self.embed_tokens = TokenEmbedding(embedding, dtype=dtype, device=self.device)
+        self.embed_tokens = TokenEmbedding(  # a tied embedding reads its rows from the output layer's tiles
+            embedding,
+            dtype=dtype,
+            device=self.device,
+            tied_output=self.lm_head if config.tie_word_embeddings else None,
+        )
         # transformers multiplies by the scale rounded to the embedding's dtype
         self.embed_scale = torch.tensor(hidden**0.5, dtype=dtype).item()
         head_dim, length = config.head_dim, config.max_position_embeddings

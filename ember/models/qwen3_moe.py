@@ -199,7 +199,12 @@ class Qwen3MoeModel:
         embedding = tensor("model.embed_tokens.weight", (None, hidden))
         output = embedding if config.tie_word_embeddings else tensor("lm_head.weight", (None, hidden))
         self.lm_head = linear_factory([output], None)
-        self.embed_tokens = TokenEmbedding(embedding, dtype=dtype, device=self.device)
+        self.embed_tokens = TokenEmbedding(  # a tied embedding reads its rows from the output layer's tiles
+            embedding,
+            dtype=dtype,
+            device=self.device,
+            tied_output=self.lm_head if config.tie_word_embeddings else None,
+        )
         self.inverse_frequencies = ops.rope_inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )[0].to(self.device)
