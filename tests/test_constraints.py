@@ -135,7 +135,7 @@ def test_stop_strings_still_stop_a_constrained_reply(story):
 
 
 def test_a_grammar_the_vocabulary_cannot_begin_is_refused_up_front(story):
-    with pytest.raises(InvalidRequestError, match="cannot produce that JSON schema"):
+    with pytest.raises(InvalidRequestError, match="cannot produce that JSON object"):
         constraint_from_options(story.tokenizer, json_object=True)  # no "{" in this vocabulary
 
 
@@ -206,3 +206,24 @@ def test_a_token_outside_the_mask_is_refused(story):
     assert not constraint.allowed_token_mask(story.tokenizer.vocab_size)[letter]
     with pytest.raises(ConstraintViolationError, match="breaks the regex constraint"):
         constraint.accept_token(letter)
+
+
+def test_json_mode_numbers_are_bounded_like_llama_cpp_json_grammar():
+    """JSON mode allows any object but not a 17-digit integer part (a small model's endless digits)."""
+    from ember.loader import read_checkpoint, resolve_model_path
+
+    tokenizer = read_checkpoint(resolve_model_path("smollm2")).tokenizer
+    for text, allowed in [
+        ('{"a": [1, -2.5e3, {"b": null}], "c": "x\\"y", "d": true}', True),
+        ('{"n": 12345678901234567}', False),
+    ]:
+        constraint = constraint_from_options(tokenizer, json_object=True)
+        try:
+            for token_id in tokenizer.encode(text, add_special_tokens=False):
+                constraint.accept_token(token_id)
+            accepted = constraint.is_complete
+        except ConstraintViolationError:
+            accepted = False
+        assert accepted == allowed, text
+        if allowed:
+            json.loads(text)

@@ -29,6 +29,19 @@ MAX_GRAMMAR_CHARS = 200_000  # a schema or grammar larger than this is refused b
 # endless newlines inside an object. A schema's own "x-guidance" options override these.
 JSON_DEFAULTS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
+# "Any JSON object" (OpenAI's JSON mode) as a Lark grammar rather than the schema {"type": "object"}:
+# the same JSON, but numbers are bounded the way llama.cpp's json.gbnf bounds them (16 integer
+# digits, 16 decimals, a 3-digit exponent), so a small model cannot run into an endless digit string.
+JSON_OBJECT_GRAMMAR = r"""
+start: object
+?value: object | array | STRING | NUMBER | "true" | "false" | "null"
+object: "{" [pair (", " pair)*] "}"
+pair: STRING ": " value
+array: "[" [value (", " value)*] "]"
+STRING: /"(\\(["\\\/bfnrt]|u[a-fA-F0-9]{4})|[^"\\\x00-\x1F\x7F])*"/
+NUMBER: /-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,3})?/
+"""
+
 _compiled: OrderedDict[tuple, tuple[llguidance.LLTokenizer, llguidance.LLMatcher]] = OrderedDict()
 _compiled_lock = threading.Lock()
 
@@ -69,7 +82,7 @@ def constraint_from_options(
         raise InvalidRequestError(f"give at most one output constraint, not {' and '.join(given)}")
     kind = given[0]
     if kind == "json_object":
-        kind, canonical = "json_schema", '{"type": "object"}'
+        canonical = "object"
     elif kind == "json_schema":
         canonical = _canonical_schema(json_schema)
     elif kind == "choice":
@@ -142,6 +155,8 @@ def _grammar_text(kind: str, canonical: str, strict: bool) -> str:
         if kind == "json_schema":
             defaults = dict(JSON_DEFAULTS, lenient=not strict)
             return llguidance.LLMatcher.grammar_from_json_schema(canonical, defaults=defaults)
+        if kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_lark(JSON_OBJECT_GRAMMAR)
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(canonical)
         if kind == "choice":
@@ -180,7 +195,13 @@ def _canonical_choice(choice: Any) -> str:
 
 
 def _label(kind: str) -> str:
-    return {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}[kind]
+    return {
+        "json_schema": "JSON schema",
+        "json_object": "JSON object",
+        "regex": "regex",
+        "grammar": "grammar",
+        "choice": "choice",
+    }[kind]
 
 
 def _tidy(message: str) -> str:

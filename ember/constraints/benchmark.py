@@ -1,0 +1,187 @@
+"""How much constrained decoding costs: `python -m ember.constraints.benchmark [--model smollm2]`.
+
+Measures, on one loaded model:
+- decode speed with a JSON-schema constraint against the same run without one, at batch 1 and 8
+  (tokens per second between each sequence's first and last token, so prefill is left out);
+- a schema's first use: compile + check + first mask, with the tokenizer's llguidance form already
+  built (that is built once per model, also timed and reported);
+- the mask's own time per token (the part that runs on the critical path).
+
+Targets from issue 15: constrained decode at least 90% of unconstrained at batch 1 and 8; a schema's
+first use adds at most 50 ms. `--smoke` runs a few tokens on the story model (a check that it works,
+not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+from ember.constraints.compiler import clear_compile_cache, constraint_from_options
+from ember.constraints.tokenizer_bridge import llguidance_tokenizer
+from ember.engine.sequence import GenerationRequest, StepOutput
+from ember.sampling import SamplingParams
+
+PROMPT = "Write a list of many short words, one after another:"
+
+
+def long_schema(items: int) -> dict[str, Any]:
+    """A schema whose reply runs for a while (an array of exactly `items` short strings)."""
+    return {
+        "type": "object",
+        "properties": {
+            "words": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 12},
+                "minItems": items,
+                "maxItems": items,
+            }
+        },
+        "required": ["words"],
+        "additionalProperties": False,
+    }
+
+
+def decode_rate(handle: Any, batch: int, max_tokens: int, schema: dict[str, Any] | None) -> float:
+    """Aggregate decode tokens/s of `batch` sequences (constrained by `schema` when given)."""
+    engine = handle.engine
+    prompt = handle.encode(PROMPT)
+    stamps: dict[str, list[float]] = {}
+    requests = []
+    for index in range(batch):
+        constraint = constraint_from_options(handle.tokenizer, json_schema=schema) if schema else None
+        params = SamplingParams(temperature=0.8, seed=index, max_tokens=max_tokens, ignore_eos=schema is None)
+        request = GenerationRequest(list(prompt), params, request_id=f"bench-{index}-{time.monotonic_ns()}")
+        request.constraint = constraint
+        requests.append(request)
+        stamps[request.request_id] = []
+    finished: set[str] = set()
+
+    def record(output: StepOutput) -> None:
+        if output.token_id is not None:
+            stamps[output.request_id].append(time.perf_counter())
+        if output.finished:
+            finished.add(output.request_id)
+
+    for request in requests:
+        engine.add_request(request, on_output=record)
+    while len(finished) < batch:
+        engine.step()
+    first = min(times[0] for times in stamps.values() if times)
+    last = max(times[-1] for times in stamps.values() if times)
+    tokens = sum(max(len(times) - 1, 0) for times in stamps.values())
+    return tokens / max(last - first, 1e-9)
+
+
+def first_use_ms(handle: Any) -> dict[str, float]:
+    """Milliseconds: the tokenizer's llguidance form (once per model), then a new schema's first use."""
+    started = time.perf_counter()
+    llguidance_tokenizer(handle.tokenizer)
+    tokenizer_ms = (time.perf_counter() - started) * 1e3
+    clear_compile_cache()
+    schema = long_schema(7) | {"title": f"fresh-{time.monotonic_ns()}"}  # never compiled before
+    started = time.perf_counter()
+    constraint = constraint_from_options(handle.tokenizer, json_schema=schema)
+    constraint.allowed_token_mask(handle.engine.vocab_size)
+    return {"tokenizer_ms": tokenizer_ms, "first_use_ms": (time.perf_counter() - started) * 1e3}
+
+
+def mask_microseconds(handle: Any, tokens: int) -> float:
+    """Median time of one mask + accept, replaying a valid reply of the long schema."""
+    items = max(tokens // 4, 1)
+    text = json.dumps({"words": [f"w{index}" for index in range(items)]}, separators=(", ", ": "))
+    constraint = constraint_from_options(handle.tokenizer, json_schema=long_schema(items))
+    times = []
+    for token_id in handle.encode(text, add_special_tokens=False):
+        started = time.perf_counter()
+        constraint.allowed_token_mask(handle.engine.vocab_size)
+        constraint.accept_token(token_id)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
+
+
+def run(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
+    import ember
+
+    handle = ember.load(model)
+    results: dict[str, Any] = first_use_ms(handle)
+    results["mask_us_median"] = mask_microseconds(handle, tokens)
+    schema = long_schema(max(tokens // 4, 1))
+    decode_rate(handle, 1, 4, None)  # warm the kernels
+    for batch in batches:
+        free = decode_rate(handle, batch, tokens, None)
+        constrained = decode_rate(handle, batch, tokens, schema)
+        results[f"batch_{batch}"] = {
+            "unconstrained_tokens_per_s": free,
+            "constrained_tokens_per_s": constrained,
+            "ratio": constrained / free,
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--smoke", action="store_true", help="a few tokens on the story model")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        from pathlib import Path
+
+        args.model = str(Path(__file__).resolve().parents[2].parent / "shared" / "models" / "story")
+        args.tokens, args.batch = 8, [1, 2]
+        results = run_smoke(args.model, args.tokens, args.batch)
+    else:
+        results = run(args.model, args.tokens, args.batch)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"llguidance tokenizer (once per model): {results['tokenizer_ms']:.1f} ms")
+    verdict = "ok" if results["first_use_ms"] <= 50 else "over the 50 ms target"
+    print(f"schema first use: {results['first_use_ms']:.1f} ms ({verdict})")
+    print(f"mask + accept per token: {results['mask_us_median']:.0f} us (median)")
+    for batch in args.batch:
+        row = results[f"batch_{batch}"]
+        verdict = "ok" if row["ratio"] >= 0.9 else "below the 90% target"
+        print(
+            f"batch {batch}: {row['unconstrained_tokens_per_s']:.1f} tok/s free, "
+            f"{row['constrained_tokens_per_s']:.1f} tok/s constrained = {row['ratio']:.0%} ({verdict})"
+        )
+
+
+def run_smoke(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
+    """The story model cannot write `{`: its smoke run constrains with a string schema instead."""
+    import ember
+
+    handle = ember.load(model)
+    results: dict[str, Any] = first_use_ms_string(handle)
+    results["mask_us_median"] = 0.0
+    schema = {"type": "string", "minLength": 40, "maxLength": 60}
+    for batch in batches:
+        free = decode_rate(handle, batch, tokens, None)
+        constrained = decode_rate(handle, batch, tokens, schema)
+        results[f"batch_{batch}"] = {
+            "unconstrained_tokens_per_s": free,
+            "constrained_tokens_per_s": constrained,
+            "ratio": constrained / free,
+        }
+    return results
+
+
+def first_use_ms_string(handle: Any) -> dict[str, float]:
+    started = time.perf_counter()
+    llguidance_tokenizer(handle.tokenizer)
+    tokenizer_ms = (time.perf_counter() - started) * 1e3
+    started = time.perf_counter()
+    constraint = constraint_from_options(handle.tokenizer, json_schema={"type": "string", "maxLength": 9})
+    constraint.allowed_token_mask(handle.engine.vocab_size)
+    return {"tokenizer_ms": tokenizer_ms, "first_use_ms": (time.perf_counter() - started) * 1e3}
+
+
+if __name__ == "__main__":
+    main()

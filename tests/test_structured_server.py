@@ -1,0 +1,270 @@
+"""Structured output and tool calls through a real `ember serve` (SmolLM2) and the official `openai` client.
+
+Skipped when the server or its structured-output hook is not there yet.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.slow
+
+server_harness = pytest.importorskip("server_harness")
+openai = pytest.importorskip("openai")
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, ADD)}
+
+BOOK_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "year": {"type": "integer", "minimum": 1500, "maximum": 2025},
+        "genre": {"type": "string", "enum": ["novel", "poetry", "science", "history"]},
+        "rating": {"type": "number", "minimum": 0, "maximum": 5},
+        "authors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 30}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+            "minItems": 1,
+            "maxItems": 2,
+        },
+    },
+    "required": ["title", "year", "genre", "rating", "authors"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    from ember.server import structured_hook  # noqa: F401  (the server's hook into ember.server.structured)
+
+    with server_harness.running_server(model="smollm2", args=["--max-batch", "8"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.openai(timeout=300.0)
+
+
+def _chat(client, text: str, **options):
+    return client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": text}], temperature=0.8, **options
+    )
+
+
+def test_json_mode_replies_parse(client):
+    for seed, prompt in enumerate(["Describe a cat in JSON.", "Who are you?", "List two colours."]):
+        reply = _chat(
+            client,
+            prompt + " Keep it short.",
+            response_format={"type": "json_object"},
+            max_tokens=200,
+            seed=seed,
+            extra_body={"repetition_penalty": 1.1},
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_strict_json_schema_validates(client):
+    reply = _chat(
+        client,
+        "Describe a famous book.",
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "book", "schema": BOOK_SCHEMA, "strict": True},
+        },
+        max_tokens=200,
+        seed=3,
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content), BOOK_SCHEMA)
+
+
+def test_guided_regex_and_choice_are_honoured(client):
+    reply = _chat(
+        client, "When were you born?", max_tokens=20, extra_body={"guided_regex": r"[0-9]{4}-[0-9]{2}"}
+    )
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}", reply.choices[0].message.content)
+    reply = _chat(client, "Is the sky blue?", max_tokens=10, extra_body={"guided_choice": ["yes", "no"]})
+    assert reply.choices[0].message.content in ("yes", "no")
+    completion = client.completions.create(
+        model="smollm2",
+        prompt="The answer is",
+        max_tokens=10,
+        extra_body={"guided_choice": ["left", "right"]},
+    )
+    assert completion.choices[0].text in ("left", "right")
+
+
+def test_max_tokens_cut_reports_length(client):
+    reply = _chat(client, "Write a long story.", max_tokens=5, extra_body={"guided_regex": "[a-z ]{300}"})
+    assert reply.choices[0].finish_reason == "length"
+
+
+def _check_calls(calls, only: str | None = None):
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id
+        if only:
+            assert call.function.name == only
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_required_and_named_tool_choice_give_valid_tool_calls(client):
+    question = "What is the weather in Oslo?"
+    reply = _chat(client, question, tools=[WEATHER, ADD], tool_choice="required", max_tokens=100, seed=1)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    _check_calls(choice.message.tool_calls)
+    named = {"type": "function", "function": {"name": "add"}}
+    reply = _chat(client, "2 plus 3?", tools=[WEATHER, ADD], tool_choice=named, max_tokens=60, seed=2)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    _check_calls(reply.choices[0].message.tool_calls, only="add")
+
+
+def test_streamed_tool_calls_assemble_into_valid_calls(client):
+    stream = _chat(
+        client,
+        "Weather in Rome?",
+        tools=[WEATHER, ADD],
+        tool_choice="required",
+        max_tokens=100,
+        seed=4,
+        stream=True,
+    )
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        for piece in delta.tool_calls or []:
+            entry = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            if piece.id:
+                entry["id"] = piece.id
+            if piece.function and piece.function.name:
+                entry["name"] = piece.function.name
+            if piece.function and piece.function.arguments:
+                entry["arguments"] += piece.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls
+    for entry in calls.values():
+        assert entry["id"] and entry["name"] in SCHEMAS
+        jsonschema.validate(json.loads(entry["arguments"]), SCHEMAS[entry["name"]])
+
+
+def test_tool_results_render_and_the_conversation_continues(client):
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": -3}'},
+    ]
+    reply = client.chat.completions.create(
+        model="smollm2", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=20, temperature=0
+    )
+    assert reply.choices[0].message.content
+    assert not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(
+    "options, param",
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "strin"}},
+                }
+            },
+            "response_format",
+        ),
+        ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
+        ({"extra_body": {"guided_grammar": "start: nowhere"}}, "guided_grammar"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+    ],
+)
+def test_bad_schemas_and_grammars_are_400s_and_the_server_stays_healthy(server, client, options, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        _chat(client, "hi", max_tokens=5, **options)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == param
+    with server.client() as http:
+        assert http.get("/health").status_code == 200
+
+
+def test_eight_concurrent_requests_with_eight_schemas_all_validate(client):
+    schemas = [
+        {
+            "type": "object",
+            "properties": {f"value_{index}": {"type": "integer", "minimum": index, "maximum": index * 3 + 5}},
+            "required": [f"value_{index}"],
+            "additionalProperties": False,
+        }
+        for index in range(8)
+    ]
+
+    def ask(index: int):
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": f"s{index}", "schema": schemas[index]},
+        }
+        reply = _chat(client, "Pick a number.", response_format=response_format, max_tokens=30, seed=index)
+        return json.loads(reply.choices[0].message.content)
+
+    with ThreadPoolExecutor(8) as pool:
+        values = list(pool.map(ask, range(8)))
+    for value, schema in zip(values, schemas):
+        jsonschema.validate(value, schema)
