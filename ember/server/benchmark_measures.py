@@ -34,10 +34,14 @@ class StreamRecord:
         return self.completion_tokens if self.completion_tokens is not None else len(self.arrivals)
 
     def decode_rate(self) -> float:
-        """Tokens per second after the first one."""
+        """Chunks (one per token on both servers) per second after the first one.
+
+        Counted from arrivals, not from `usage`, so both servers are measured the same way
+        whether or not they report usage in streams.
+        """
         if len(self.arrivals) < 2:
             return 0.0
-        return (self.tokens - 1) / max(self.arrivals[-1] - self.arrivals[0], 1e-9)
+        return (len(self.arrivals) - 1) / max(self.arrivals[-1] - self.arrivals[0], 1e-9)
 
 
 def stream_completion(base_url: str, body: dict, path: str = "/v1/completions") -> StreamRecord:
