@@ -331,6 +331,12 @@ def test_settings_are_kept_with_the_chat(server, browser):
     assert stored["settings"]["temperature"] == pytest.approx(0.3)
     page.reload()
     page.get_by_role("button", name="Settings", exact=True).click()
-    assert page.get_by_role("dialog", name="Settings").get_by_label("Max tokens").input_value() == "33"
+    dialog = page.get_by_role("dialog", name="Settings")
+    assert dialog.get_by_label("Max tokens").input_value() == "33"
+    with page.expect_download() as download:
+        dialog.get_by_role("button", name="Markdown", exact=True).click()
+    transcript = download.value.path().read_text(encoding="utf-8")
+    assert transcript.startswith("# Settings check") and "You are terse." in transcript
+    assert download.value.suggested_filename == "Settings-check.md"
     problems.check()
     page.context.close()

@@ -332,11 +332,31 @@ function showSettings() {
     scopeText: open ? 'These settings apply to this chat.' : 'These settings apply to new chats.',
     about,
     onForgetKey: api.apiKey() ? () => api.setApiKey('') : null,
+    onExport: open ? (format) => exportSession(state.currentId, sessionTitle(state.current), format) : null,
     async save(changes) {
       if (open) await sessions.updateSession(state.currentId, changes);
       else sessions.saveNewChatDefaults(changes);
     },
   });
+}
+
+/** Downloads the chat as Markdown or JSON (fetched with the key, so it works behind one too). */
+async function exportSession(id, title, format) {
+  try {
+    const response = await api.request('GET', `v1/sessions/${encodeURIComponent(id)}/export?format=${format}`, undefined, {
+      accept: format === 'json' ? 'application/json' : 'text/markdown',
+    });
+    const address = URL.createObjectURL(await response.blob());
+    const link = document.createElement('a');
+    link.href = address;
+    link.download = `${title.replace(/[^\w\- ]+/g, '').trim().replace(/\s+/g, '-') || 'chat'}.${format === 'json' ? 'json' : 'md'}`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(address), 10000);
+  } catch (error) {
+    announce(`Export failed: ${error.message}`);
+  }
 }
 
 async function loadModel() {

@@ -17,7 +17,7 @@ export const FIELDS = [
  * Opens the dialog for `values` ({system_prompt, settings}); `save(changes)` is awaited and may throw
  * an error whose message is shown in the dialog. Resolves once the dialog closes.
  */
-export function openSettings({ values, scopeText, about, onForgetKey, save }) {
+export function openSettings({ values, scopeText, about, onForgetKey, onExport, save }) {
   const box = modal('Settings', 'settings');
   const form = h('form', { class: 'dialog-panel', novalidate: true });
   const settings = values.settings || {};
@@ -92,12 +92,22 @@ export function openSettings({ values, scopeText, about, onForgetKey, save }) {
   });
   const aboutRows = h('dl', { class: 'about' });
   for (const [term, detail] of about) aboutRows.append(h('div', {}, h('dt', {}, term), h('dd', {}, detail)));
+  const exportRow = onExport
+    ? h(
+        'div',
+        { class: 'export-row' },
+        h('span', { class: 'field-label' }, 'Export this chat'),
+        h('button', { type: 'button', class: 'button secondary small', onclick: () => onExport('markdown') }, 'Markdown'),
+        h('button', { type: 'button', class: 'button secondary small', onclick: () => onExport('json') }, 'JSON'),
+      )
+    : null;
   form.append(
     box.title,
     h('p', { class: 'dialog-text' }, scopeText),
     h('div', { class: 'field wide' }, h('label', { class: 'field-label', for: 'setting-system' }, 'System prompt'), system),
     grid,
     aboutRows,
+    exportRow,
     error,
     h(
       'div',
