@@ -8,6 +8,7 @@ finish_reason "abort"), then exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from types import FrameType
 
 import uvicorn
 
+from ember.errors import EmberError
 from ember.server.app import create_app
 from ember.server.engine_service import EngineService
 from ember.server.settings import ServerSettings
@@ -102,9 +104,25 @@ def display_address(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts, so a taken port is a one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise EmberError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: ServerSettings, service: EngineService) -> int:
     """Run until stopped; returns the exit status."""
-    address = display_address(settings.host, settings.port)
+    sock = bind(settings.host, settings.port)
+    port = sock.getsockname()[1]  # the real one when --port 0 asked for any free port
+    address = display_address(settings.host, port)
     service.on_loaded = _announce_loaded(settings, address)
     _progress_printer(service)
     app = create_app(settings, service)
@@ -121,7 +139,10 @@ def serve(settings: ServerSettings, service: EngineService) -> int:
     keys = "on" if settings.api_keys.enabled else "off (anyone who can reach the port may use it)"
     _say(f"ember serve: model {settings.model_name}, listening on {address}, API key {keys}")
     _say(f"loading {settings.model_name} in the background (GET /health says 503 until it is ready)")
-    server.run()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     _say("stopped")
     return 0
 
