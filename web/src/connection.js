@@ -2,7 +2,7 @@
 // earlier load of this page) is writing is followed by polling the session until it is finished.
 import * as api from './api.js';
 import { refreshSessions, reloadCurrent } from './sessions.js';
-import { render, state } from './state.js';
+import { render, state, view } from './state.js';
 import { socketLive } from './watcher.js';
 
 const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
@@ -76,6 +76,10 @@ export function watchIfStreaming() {
       state.watching = false;
       render();
       refreshSessions().catch(() => {});
+      if (state.queued && state.currentId === id && !state.streaming && !state.remote) {
+        state.queued = false;
+        view.sendQueued();
+      }
     }
   })();
 }

@@ -34,7 +34,18 @@ async function stream({ path, body, prepare, retry, restore = null }) {
   state.messages = messages;
   state.error = null;
   state.editingId = null;
-  const run = { sessionId, controller, stopped: false, target, base, text: '', firstAt: null, lastAt: null, deltas: 0 };
+  const run = {
+    sessionId,
+    controller,
+    messages, // what to draw if the user leaves this chat and comes back while it streams
+    stopped: false,
+    target,
+    base,
+    text: '',
+    firstAt: null,
+    lastAt: null,
+    deltas: 0,
+  };
   state.streaming = run;
   view.follow();
   render();

@@ -98,7 +98,8 @@ export async function openSession(id, { quiet = false } = {}) {
   if (state.currentId !== id) {
     state.currentId = id;
     state.current = state.sessions.find((session) => session.id === id) || null;
-    state.messages = [];
+    const run = state.streaming;
+    state.messages = run && run.sessionId === id ? run.messages : [];
     state.error = null;
     state.editingId = null;
     view.follow();

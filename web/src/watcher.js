@@ -99,7 +99,14 @@ function handle(id, event) {
     state.remote = null;
     state.watching = false;
     reloadCurrent()
-      .then(() => refreshSessions())
+      .then(() => {
+        if (state.queued) {
+          // A message typed while the other tab's reply streamed goes now.
+          state.queued = false;
+          view.sendQueued();
+        }
+        return refreshSessions();
+      })
       .catch(() => {});
     render();
   }
