@@ -1,7 +1,8 @@
-"""API keys and users, in process: parsing, constant-time matching, WebSocket tokens, bad key files."""
+"""Keys, users and startup errors, in process or with a process that never loads a model."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -88,3 +89,18 @@ def test_current_user_and_websocket_token():
     with pytest.raises(WebSocketDisconnect):
         with client.websocket_connect("/socket?token=wrong") as connection:
             connection.receive_json()
+
+
+def test_a_taken_port_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "ember.cli.main", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
