@@ -41,7 +41,8 @@ def test_bad_key_sources_are_one_line_errors(tmp_path):
     with pytest.raises(EmberError, match="cannot be empty"):
         ApiKeys.from_sources(["  "])
     result = subprocess.run(
-        [sys.executable, "-m", "ember.cli.main", "serve", "--api-keys-file", str(tmp_path / "missing")],
+        [sys.executable, "-m", "ember.cli.main", "serve", "--api-keys-file", str(tmp_path / "missing")]
+        + ["--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -91,13 +92,22 @@ def test_current_user_and_websocket_token():
             connection.receive_json()
 
 
-def test_a_taken_port_is_a_one_line_error():
+def test_a_taken_port_is_a_one_line_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "ember.cli.main", "serve", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "ember.cli.main",
+                "serve",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
