@@ -35,14 +35,14 @@ def _prompt(count: int, vocab_size: int, seed: int = 0) -> list[int]:
     return torch.randint(1, vocab_size, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _ember_worker(path: str, threads: int) -> dict:
+def _ember_worker(path: str, threads: int, quant: str | None = None) -> dict:
     import torch
 
     import ember
     from ember.models.batch import ForwardBatch
 
     torch.set_num_threads(threads)
-    handle = ember.load(path, device="cpu")
+    handle = ember.load(path, device="cpu", quant=quant)
     model, vocab = handle.model, handle.config.vocab_size
     pool = model.new_cache(memory_budget_bytes=1 << 30)
 
@@ -96,7 +96,7 @@ def _ember_worker(path: str, threads: int) -> dict:
     }
 
 
-def _package_worker(path: str, threads: int) -> dict:
+def _package_worker(path: str, threads: int, quant: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -120,12 +120,12 @@ def _package_worker(path: str, threads: int) -> dict:
     }
 
 
-def _run_worker(kind: str, path: Path, threads: int, v7: bool) -> dict:
+def _run_worker(kind: str, path: Path, threads: int, v7: bool, quant: str | None = None) -> dict:
     environment = dict(os.environ, RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
     if v7:
         environment["RWKV_V7_ON"] = "1"
     command = [sys.executable, "-m", "ember.rwkv_benchmark", "--worker", kind, "--model", str(path)]
-    command += ["--threads", str(threads)]
+    command += ["--threads", str(threads)] + (["--quant", quant] if quant else [])
     result = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -166,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", default=".", help="where --random writes its model")
     parser.add_argument("--compare", action="store_true", help="also run the rwkv package")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--quant", choices=["none", "int8", "int4"], help="ember's weight form (default: the file's)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", choices=["ember", "package"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker = _ember_worker if args.worker == "ember" else _package_worker
-        print(json.dumps(worker(args.model, args.threads)))
+        print(json.dumps(worker(args.model, args.threads, args.quant)))
         return 0
     path = Path(args.model) if args.model else None
     if args.random:
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from ember.formats.rwkv_pth import load_state_dict
 
     v7 = path.suffix == ".pth" and "blocks.0.att.r_k" in load_state_dict(path)
-    report = {"model": str(path), "ember": _run_worker("ember", path, args.threads, v7)}
+    report = {"model": str(path), "ember": _run_worker("ember", path, args.threads, v7, args.quant)}
     if args.compare:
         report["package"] = _run_worker("package", path, args.threads, v7)
         report["verdicts"] = [

@@ -11,7 +11,9 @@ ChatRWKV's chat convention as its template.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
+import unicodedata
 from pathlib import Path
 
 import tokenizers
@@ -51,6 +53,21 @@ CHAT_SAMPLING_DEFAULTS = {
 }
 
 
+def penalty_exempt_token_ids(tokenizer: Tokenizer, vocab_size: int) -> frozenset[int]:
+    """Ids whose text is only whitespace, punctuation and digits: ChatRWKV leaves them out of the
+    presence and frequency penalties, so a reply may reuse spaces, commas and numbers freely."""
+    exempt = set()
+    for token_id in range(1, vocab_size):
+        text = tokenizer.decode([token_id])
+        if (
+            text
+            and "\ufffd" not in text
+            and all(ch.isspace() or ch.isdigit() or unicodedata.category(ch).startswith("P") for ch in text)
+        ):
+            exempt.add(token_id)
+    return frozenset(exempt)
+
+
 class ByteTrieTokenizer(Tokenizer):
     """Greedy longest match over a byte-string vocabulary (World), or one token per byte."""
 
@@ -65,6 +82,8 @@ class ByteTrieTokenizer(Tokenizer):
         self.chat_stop_strings = CHAT_STOP_STRINGS
         self.sampling_defaults = dict(CHAT_SAMPLING_DEFAULTS)
         self.special_token_ids = frozenset({END_OF_TEXT})
+        # ChatRWKV never lets a chat reply end the document mid-turn: <|endoftext|> is banned there
+        self.chat_banned_token_ids = frozenset({END_OF_TEXT})
         self._vocab_size = vocab_size
         self._id_to_bytes = id_to_bytes
         # trie: byte -> [children, token id or -1]
@@ -86,6 +105,10 @@ class ByteTrieTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @functools.cached_property
+    def penalty_exempt_token_ids(self) -> frozenset[int]:
+        return penalty_exempt_token_ids(self, len(self._id_to_bytes) + 1)
 
     @property
     def bos_token(self) -> str | None:
@@ -174,6 +197,8 @@ def tokenizer_20b(path: Path, vocab_size: int = 50277) -> Tokenizer:
         chat_template=RWKV_CHAT_TEMPLATE,
     )
     tokenizer.kind = "20b"
+    tokenizer.chat_banned_token_ids = frozenset({END_OF_TEXT})
+    tokenizer.penalty_exempt_token_ids = penalty_exempt_token_ids(tokenizer, backend.get_vocab_size())
     tokenizer.chat_stop_strings = CHAT_STOP_STRINGS
     tokenizer.sampling_defaults = dict(CHAT_SAMPLING_DEFAULTS)
     return tokenizer

@@ -82,3 +82,12 @@ def test_chat_template_is_chatrwkvs_convention():
     )
     assert text == "System: Be brief.\n\nUser: Hi\nthere\n\nAssistant: Hello!\n\nUser: Again\n\nAssistant:"
     assert byte_tokenizer().chat_stop_strings == ("\n\n",)
+
+
+def test_penalty_exempt_and_banned_tokens(world):
+    exempt = world.penalty_exempt_token_ids
+    for text in (" ", ",", "\n\n", "2024", "。", "!"):
+        assert set(world.encode(text)) <= exempt, text
+    for text in (" the", "cat", "中"):
+        assert world.encode(text)[0] not in exempt
+    assert world.chat_banned_token_ids == frozenset({0})
