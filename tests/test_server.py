@@ -296,3 +296,17 @@ def test_n_streamed_choices_each_finish(server):
         for i in range(3)
     }
     assert all(texts.values())
+
+
+def test_next_turn_of_a_resent_conversation_reuses_the_cached_prefix(client):
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."}
+    turn_1 = [system, {"role": "user", "content": "Name a large ocean."}]
+    first = client.chat.completions.create(model="smollm2", messages=turn_1, max_tokens=12, temperature=0)
+    turn_2 = turn_1 + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a small sea?"},
+    ]
+    second = client.chat.completions.create(model="smollm2", messages=turn_2, max_tokens=12, temperature=0)
+    # Everything turn 1 computed (its prompt at least) is reused; only the new turn is prefilled.
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
