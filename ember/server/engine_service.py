@@ -12,7 +12,6 @@ touches the model.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -23,7 +22,6 @@ from ember.errors import EmberError
 from ember.handle import ModelHandle
 from ember.server.errors import ApiError
 from ember.server.metrics import ServerMetrics
-from ember.server.step_loop import StepLoop
 
 log = logging.getLogger("ember.server")
 
@@ -166,7 +164,6 @@ class EngineService:
         self.loaded = threading.Event()
         self.draining = False
         self._active: dict[str, RequestGroup] = {}  # by engine request id, until its final output
-        self._step_loop: StepLoop | None = None
         self._thread: threading.Thread | None = None
         self.on_loaded: Callable[[EngineService], None] | None = None  # after loading, on the load thread
         self.on_progress: Callable[[int, int], None] | None = None  # (layers built, total) while loading
@@ -195,10 +192,7 @@ class EngineService:
             engine = handle.engine
             if self.max_batch_size is not None:
                 engine.max_batch_size = self.max_batch_size
-            if _has_engine_thread(engine):
-                engine.start()
-            else:  # an engine from before the thread-safe contract: drive it from our own thread
-                self._step_loop = StepLoop(engine)
+            engine.start()  # the engine's own loop thread runs every step from now on
             self.handle = handle
             self.state = "ready"
         except Exception as error:  # shown by /health and the log; the server stays up to say so
@@ -267,14 +261,10 @@ class EngineService:
         self._active.pop(request_id, None)
 
     def _add_request(self, request: GenerationRequest, on_output: Callable[[StepOutput], None]):
-        if self._step_loop is not None:
-            return self._step_loop.add_request(request, on_output)
         return self.engine.add_request(request, on_output=on_output)
 
     def abort(self, request_id: str) -> None:
-        if self._step_loop is not None:
-            self._step_loop.abort(request_id)
-        elif self.engine is not None:
+        if self.engine is not None:
             self.engine.abort(request_id)
 
     @property
@@ -300,14 +290,5 @@ class EngineService:
             self.abort(request_id)
 
     def stop(self) -> None:
-        engine = self.engine
-        if self._step_loop is not None:
-            self._step_loop.stop()
-        elif engine is not None and hasattr(engine, "stop"):
-            engine.stop()
-
-
-def _has_engine_thread(engine) -> bool:
-    if not hasattr(engine, "start"):
-        return False
-    return "on_output" in inspect.signature(engine.add_request).parameters
+        if self.engine is not None:
+            self.engine.stop()
