@@ -142,3 +142,63 @@ def test_bad_files_are_one_line_errors(tmp_path):
     (tmp_path / "short.bin").write_bytes(b"fmgg")
     with pytest.raises(ModelLoadError):
         read_rwkv_cpp(tmp_path / "short.bin")
+
+
+def _requantize(source: Path, target: Path, quant_type: str) -> Path:
+    """Rewrite an FP32 rwkv.cpp file with its 2-D matrices (not emb/head) in `quant_type` (rwkv.cpp ids)."""
+    import gguf.quants
+    from gguf import GGMLQuantizationType
+
+    type_ids = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 9}
+    data = source.read_bytes()
+    header = bytearray(data[:24])
+    header[20:24] = struct.pack("<i", type_ids[quant_type])
+    out = [bytes(header)]
+    offset = 24
+    while offset < len(data):
+        dim_count, key_length, tensor_type = struct.unpack("<3i", data[offset : offset + 12])
+        shape = struct.unpack(f"<{dim_count}i", data[offset + 12 : offset + 12 + 4 * dim_count])
+        key = data[offset + 12 + 4 * dim_count : offset + 12 + 4 * dim_count + key_length]
+        offset += 12 + 4 * dim_count + key_length
+        count = int(np.prod(shape))
+        values = np.frombuffer(data[offset : offset + 4 * count], dtype="<f4").reshape(tuple(reversed(shape)))
+        offset += 4 * count
+        name = key.decode()
+        if dim_count == 2 and name not in ("emb.weight", "head.weight") and shape[0] % 32 == 0:
+            payload = gguf.quants.quantize(values, getattr(GGMLQuantizationType, quant_type)).tobytes()
+            tensor_type = type_ids[quant_type]
+        else:
+            payload = values.tobytes()
+        out.append(
+            struct.pack(f"<3i{dim_count}i", dim_count, key_length, tensor_type, *shape) + key + payload
+        )
+    target.write_bytes(b"".join(out))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("quant_type", "quant", "layer", "tolerance"),
+    [
+        ("Q8_0", "int8", "Q8Linear", 0.02),
+        ("Q4_0", "int4", "Int4Linear", 0.3),
+        ("Q4_1", "int4", "Int4Linear", 0.3),
+    ],
+)
+def test_q8_and_q4_files_run_on_low_bit_layers(tmp_path, quant_type, quant, layer, tolerance):
+    path = _requantize(
+        TINY_RWKV / "tiny-rwkv-7v0-834K-FP32.bin", tmp_path / f"v7-{quant_type}.bin", quant_type
+    )
+    checkpoint = read_rwkv_cpp(path)
+    assert checkpoint.details["default_quant"] == quant
+    exact = RWKVModel(checkpoint.config, checkpoint.tensors, float_factory)
+
+    def factory(weights, biases):
+        return make_linear(weights, biases, quant=quant)
+
+    low_bit = RWKVModel(checkpoint.config, checkpoint.tensors, factory)
+    assert type(low_bit.blocks[0].linears["ffn.key"]).__name__ == layer
+    # the blocks are kept as they are: only activation rounding separates the low-bit layers from exact math
+    difference = feed_one_by_one(low_bit, PROMPT) - feed_one_by_one(exact, PROMPT)
+    assert difference.abs().max() < tolerance
+    reference = expected_logits("x-x-7v0-834K-x")
+    assert np.abs(feed_one_by_one(exact, PROMPT).numpy() - reference).max() < 2 * tolerance + 0.1
