@@ -104,8 +104,8 @@ AT_END = """() => {
 
 
 def test_follow_unless_scrolled_up_then_stop_keeps_the_partial_reply_then_continue(server, browser):
-    long_reply = {"max_tokens": 400, "ignore_eos": True, "seed": 5}
-    short_window = {"width": 1280, "height": 520}
+    long_reply = {"max_tokens": 500, "ignore_eos": True, "seed": 5}
+    short_window = {"width": 1280, "height": 420}  # a long reply fills it sooner
     page, problems = open_page(browser, server.base_url, new_chat_settings=long_reply, viewport=short_window)
     send(page, "Write a long story about a lighthouse keeper.")
     page.wait_for_function(
