@@ -54,8 +54,8 @@ def decode_rate(handle: Any, batch: int, max_tokens: int, schema: dict[str, Any]
     for index in range(batch):
         constraint = constraint_from_options(handle.tokenizer, json_schema=schema) if schema else None
         params = SamplingParams(temperature=0.8, seed=index, max_tokens=max_tokens, ignore_eos=schema is None)
-        request = GenerationRequest(list(prompt), params, request_id=f"bench-{index}-{time.monotonic_ns()}")
-        request.constraint = constraint
+        request_id = f"bench-{index}-{time.monotonic_ns()}"
+        request = GenerationRequest(list(prompt), params, request_id=request_id, constraint=constraint)
         requests.append(request)
         stamps[request.request_id] = []
     finished: set[str] = set()
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"llguidance tokenizer (once per model): {results['tokenizer_ms']:.1f} ms")
     verdict = "ok" if results["first_use_ms"] <= 50 else "over the 50 ms target"
     print(f"schema first use: {results['first_use_ms']:.1f} ms ({verdict})")
-    print(f"mask + accept per token: {results['mask_us_median']:.0f} us (median)")
+    if results["mask_us_median"] is not None:
+        print(f"mask + accept per token: {results['mask_us_median']:.0f} us (median)")
     for batch in args.batch:
         row = results[f"batch_{batch}"]
         verdict = "ok" if row["ratio"] >= 0.9 else "below the 90% target"
@@ -160,7 +161,7 @@ def run_smoke(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
 
     handle = ember.load(model)
     results: dict[str, Any] = first_use_ms_string(handle)
-    results["mask_us_median"] = 0.0
+    results["mask_us_median"] = None  # the story model's vocabulary cannot write the long schema
     schema = {"type": "string", "minLength": 40, "maxLength": 60}
     for batch in batches:
         free = decode_rate(handle, batch, tokens, None)
