@@ -127,6 +127,10 @@ def test_follow_unless_scrolled_up_then_stop_keeps_the_partial_reply_then_contin
     jump.click()
     page.wait_for_function(AT_END)
 
+    # A reload in the middle finds the reply still growing (the server kept writing it).
+    before_reload = page.evaluate(STREAMING_LENGTH)
+    page.reload()
+    page.wait_for_function(f"() => ({STREAMING_LENGTH})() > {before_reload} + 10")
     page.get_by_role("button", name="Stop", exact=True).click()
     wait_until_idle(page)
     reply = page.locator(".message.assistant").last
