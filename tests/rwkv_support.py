@@ -31,7 +31,7 @@ SMALL_SHAPE = (2, 128, 256, 256, 2)
 
 
 def make_random_pth(version: str, path: Path, seed: int = 0, small: bool = False) -> Path:
-    """Write a random RWKV checkpoint of `version` ("4", "6", "7") to `path` (float32)."""
+    """Write a random RWKV checkpoint of `version` ("4", "5", "5.1", "5.2" small only; "6", "7") to `path`."""
     layers, C, V, F, H = SMALL_SHAPE if small else SHAPES[version]
     generator = torch.Generator().manual_seed(seed)
 
@@ -64,6 +64,23 @@ def make_random_pth(version: str, path: Path, seed: int = 0, small: bool = False
             state[att + "time_first"] = uniform(C, low=-1.0, high=1.0)
             for name in ("k", "v", "r"):
                 state[att + f"time_mix_{name}"] = mix()
+            for name in ("k", "r"):
+                state[ffn + f"time_mix_{name}"] = mix()
+            state[ffn + "receptance.weight"] = matrix(C, C)
+        elif version in ("5", "5.1", "5.2"):
+            N = C // H
+            for name in ("k", "v", "r") + (("g",) if version != "5" else ()):
+                state[att + f"time_mix_{name}"] = mix()
+            if version == "5.2":
+                state[att + "time_decay"] = uniform(H, N, low=-6.0, high=0.5)
+                state[att + "time_faaaa"] = uniform(H, N, low=-0.5, high=0.5)
+            else:
+                state[att + "time_decay"] = uniform(H, low=-6.0, high=0.5)
+                state[att + "time_first"] = uniform(H, low=-1.0, high=0.5)
+            if version != "5":
+                state[att + "gate.weight"] = matrix(C, C)
+            state[att + "ln_x.weight"] = normal(C, std=0.1, mean=1.0)
+            state[att + "ln_x.bias"] = normal(C, std=0.1)
             for name in ("k", "r"):
                 state[ffn + f"time_mix_{name}"] = mix()
             state[ffn + "receptance.weight"] = matrix(C, C)

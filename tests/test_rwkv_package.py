@@ -68,6 +68,29 @@ def test_logits_match_the_rwkv_package(rwkv_pth_folder, version):
     assert int(torch.argmax(prompt_logits[0, -1])) == reference["tokens"][0]
 
 
+@pytest.mark.slow  # a package subprocess per version (torch import and its JIT)
+@pytest.mark.parametrize("version", ["4", "5", "5.1", "5.2", "6", "7"])
+def test_small_models_of_every_version_match_the_rwkv_package(tmp_path, version):
+    path = make_random_pth(version, tmp_path / f"small-v{version}.pth", seed=11, small=True)
+    checkpoint = read_rwkv_pth(path)
+    assert checkpoint.config.version == version
+    assert checkpoint.config.group_norm_eps == 64e-5
+    prompt = [int(t) for t in np.random.RandomState(3).randint(1, 256, size=24)]
+    reference = run_rwkv_package(path, version, prompt, 4, tmp_path / "reference.npz")
+    model = RWKVModel(checkpoint.config, checkpoint.tensors, lambda w, b: make_linear(w, b, quant="none"))
+    pool = model.new_cache()
+    entry = pool.acquire()
+    logits = model.forward(ForwardBatch(torch.tensor([prompt]), [0], [entry.slot], all_logits=True), pool)
+    entry.token_ids.extend(prompt)
+    assert np.abs(logits[0].numpy() - reference["prompt_logits"]).max() < 1e-4
+    for token, expected in zip(reference["tokens"].tolist(), reference["decode_logits"]):
+        step = model.forward(
+            ForwardBatch(torch.tensor([[token]]), [len(entry.token_ids)], [entry.slot]), pool
+        )
+        entry.token_ids.append(token)
+        assert np.abs(step[0, -1].numpy() - expected).max() < 1e-4
+
+
 def test_foreign_and_broken_pth_files(tmp_path):
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(ModelLoadError, match="not a readable PyTorch checkpoint"):
