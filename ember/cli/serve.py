@@ -23,50 +23,73 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     )
     add_model_options(parser)
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    group.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    group.add_argument(
+        "--host", default=DEFAULT_HOST, metavar="HOST", help=f"address to bind (default {DEFAULT_HOST})"
+    )
+    group.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, metavar="PORT", help=f"port (default {DEFAULT_PORT})"
+    )
     group.add_argument(
         "--api-key",
         action="append",
         default=[],
+        metavar="KEY",
         help=f"require 'Authorization: Bearer KEY' (repeatable; also ${API_KEY_VARIABLE})",
     )
     group.add_argument(
         "--api-keys-file",
         default=None,
+        metavar="FILE",
         help="a file of API keys, one per line, each optionally followed by a user name",
     )
     group.add_argument(
-        "--max-batch", type=int, default=None, help="most sequences decoded per step (default 16)"
+        "--max-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most sequences decoded per step (default 16)",
     )
     group.add_argument(
-        "--ctx", dest="context_length", type=int, default=argparse.SUPPRESS, help="same as --context-length"
+        "--ctx",
+        dest="context_length",
+        type=int,
+        metavar="N",
+        default=argparse.SUPPRESS,
+        help="same as --context-length",
     )
     group.add_argument(
         "--queue-timeout",
         type=float,
         default=60.0,
+        metavar="SECONDS",
         help="seconds a request may wait for a free slot before a 503 with Retry-After (default 60)",
     )
     group.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
+        metavar="SECONDS",
         help="on SIGTERM / Ctrl-C, seconds running replies get to finish (default 30)",
     )
     group.add_argument(
         "--cors-origin",
         action="append",
         default=[],
+        metavar="ORIGIN",
         help="allow browser requests from this origin (repeatable)",
     )
     group.add_argument(
         "--data-dir",
         default=None,
+        metavar="DIR",
         help="where sessions are stored (default: $EMBER_HOME or ~/.local/share/ember)",
     )
     group.add_argument(
-        "--max-body-mib", type=float, default=8.0, help="largest request body accepted, MiB (default 8)"
+        "--max-body-mib",
+        type=float,
+        default=8.0,
+        metavar="MIB",
+        help="largest request body accepted, MiB (default 8)",
     )
     parser.set_defaults(run=run)
 
