@@ -195,7 +195,15 @@ function drawConversation() {
   else elements.conversation.scrollTop = keepScroll;
 }
 
+let pendingFrame = 0; // one redraw of the growing reply per animation frame
+let pendingMessage = null;
+
 view.render = () => {
+  if (pendingFrame) {
+    // A full redraw shows the latest text anyway; a late frame must not draw over it.
+    cancelAnimationFrame(pendingFrame);
+    pendingFrame = 0;
+  }
   watchSession(state.currentId);
   renderSidebar(
     elements.list,
@@ -218,8 +226,6 @@ view.render = () => {
   elements.jump.hidden = following || !replies.busy();
 };
 
-let pendingFrame = 0;
-let pendingMessage = null;
 view.streamed = (message) => {
   // Many deltas per frame: redraw the growing reply once per animation frame.
   pendingMessage = message;
@@ -227,8 +233,9 @@ view.streamed = (message) => {
   pendingFrame = requestAnimationFrame(() => {
     pendingFrame = 0;
     const target = pendingMessage;
-    const element = target && elements.messages.querySelector(`[data-message-id="${CSS.escape(target.id)}"] .message-body`);
-    if (!element) return;
+    const selector = target && `.message.streaming[data-message-id="${CSS.escape(target.id)}"] .message-body`;
+    const element = selector && elements.messages.querySelector(selector);
+    if (!element) return; // finished (and drawn in full) since this frame was asked for
     fillBody(element, target, { streaming: true, onCopy: copy });
     if (following) scrollToEnd();
   });
