@@ -12,8 +12,10 @@
 - The token embedding is multiplied by sqrt(hidden_size); the MLP gates with GELU (tanh form).
 - Final logits are soft-capped, cap * tanh(logits / cap), where the config sets a cap.
 
-The layer loop runs on PyTorch operators; `LlamaModel`'s native decode paths and CUDA graphs
-assume Llama's layer and are not used here.
+Prefill runs on PyTorch operators. A decode step on the CPU in float32 runs the native fused
+operators `LlamaModel` uses (residual add + RMS norm; rotary + cache store + attention, one per
+kind of layer) around the same projections, with GELU gating in PyTorch; `LlamaModel`'s one-call
+decode and CUDA graphs assume Llama's layer and are not used here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ember import ops
+from ember import native_ops, ops
 from ember.cache import KVCache
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
@@ -63,6 +65,10 @@ def gelu_tanh_gating(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def _frequencies(head_dim: int, theta: float, scaling: dict | None, config: ModelConfig) -> torch.Tensor:
+    return ops.rope_inverse_frequencies(head_dim, theta, scaling, config.max_position_embeddings)[0]
+
+
 class Gemma3Model:
     """forward(batch, kv_cache) -> logits, like `LlamaModel`."""
 
@@ -78,7 +84,11 @@ class Gemma3Model:
     ):
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.native_layers = self.decode_graphs = None  # see the module docstring
+        native_possible = self.device.type == "cpu" and dtype == torch.float32
+        self._native_ops = native_ops.load() if native_possible else None  # None: the PyTorch path
         check_qk_norms(config, tensors)
+        if (config.rope_scaling or {}).get("rope_type") == "dynamic":
+            raise ModelLoadError("dynamic rope scaling is not supported for Gemma 3")  # rotations are fixed
 
         def tensor(name: str, shape: tuple[int | None, ...]) -> Weight:
             if name not in tensors:
@@ -159,14 +169,10 @@ class Gemma3Model:
         )
         # transformers multiplies by the scale rounded to the embedding's dtype
         self.embed_scale = torch.tensor(hidden**0.5, dtype=dtype).item()
-        head_dim, length = config.head_dim, config.max_position_embeddings
-        self.inverse_frequencies = {
-            "global": ops.rope_inverse_frequencies(head_dim, config.rope_theta, config.rope_scaling, length)[
-                0
-            ],
-            "local": ops.rope_inverse_frequencies(
-                head_dim, config.rope_local_theta or 10_000.0, None, length
-            )[0],
+        local = config.rope_local_theta or 10_000.0
+        self.inverse_frequencies = {  # (head_dim / 2,) per kind of layer
+            "global": _frequencies(config.head_dim, config.rope_theta, config.rope_scaling, config),
+            "local": _frequencies(config.head_dim, local, None, config),
         }
         self.inverse_frequencies = {
             kind: value.to(self.device) for kind, value in self.inverse_frequencies.items()
@@ -175,6 +181,13 @@ class Gemma3Model:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Logits (batch, new_tokens or 1, vocab) in float32 for the batch's new tokens."""
+        if (
+            self._native_ops is not None
+            and batch.num_new_tokens == 1
+            and kv_cache.dtype == torch.float32
+            and kv_cache.fits(batch.slots, batch.key_lengths)
+        ):  # anything else takes the PyTorch path below, which reports what is wrong
+            return self._decode(batch, kv_cache)
         config, eps = self.config, self.config.rms_norm_eps
         hidden = self.embed_tokens(batch.token_ids) * self.embed_scale  # (batch, new, hidden)
         rotations = {
@@ -204,6 +217,44 @@ class Gemma3Model:
         if not batch.all_logits:
             hidden = hidden[:, -1:]
         logits = self.lm_head(ops.rms_norm(hidden, self.final_norm, eps)).float()
+        cap = config.final_logit_softcapping
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
+    def _decode(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """One new token per sequence through the native fused operators: the same math as `forward`."""
+        config, library, eps = self.config, self._native_ops, self.config.rms_norm_eps
+        add_rms_norm = native_ops.add_rms_norm
+        batch_size = batch.batch_size
+        # (batch, hidden), a fresh tensor: the residual stream is updated in place below
+        hidden = (self.embed_tokens(batch.token_ids).reshape(batch_size, -1) * self.embed_scale).contiguous()
+        slots = torch.tensor(batch.slots, dtype=torch.int64)  # (batch,)
+        positions = batch.positions.reshape(batch_size)  # (batch,) int64
+        attend = {}  # (rotary kind, window) -> the step's attention for layers of that kind
+        for layer in self.layers:
+            kind = (layer.rotary, layer.sliding_window)
+            if kind not in attend:
+                rotations = ops.rope_rotations(self.inverse_frequencies[layer.rotary], batch.positions)
+                attend[kind] = native_ops.DecodeAttention(
+                    library,
+                    torch.view_as_real(rotations),  # (batch, 1, head_dim / 2, 2): cos, sin
+                    slots,
+                    positions,
+                    config.num_heads,
+                    kv_cache.keys[0].shape,
+                    layer.sliding_window,
+                )
+        normed, delta = torch.empty_like(hidden), torch.empty_like(hidden)  # (batch, hidden) each
+        pending = None  # the previous layer's normed MLP output, not yet added to the residual stream
+        for layer, keys, values in zip(self.layers, kv_cache.keys, kv_cache.values):
+            add_rms_norm(library, hidden, pending, layer.input_norm, eps, normed)
+            attended = attend[(layer.rotary, layer.sliding_window)](layer.qkv_proj(normed), keys, values)
+            add_rms_norm(library, layer.o_proj(attended), None, layer.post_attention_norm, eps, delta)
+            add_rms_norm(library, hidden, delta, layer.pre_feedforward_norm, eps, normed)
+            gate, up = layer.gate_up_proj(normed).chunk(2, dim=-1)  # (batch, intermediate) each
+            down = layer.down_proj(gelu_tanh_gating(gate, up)).contiguous()  # (batch, hidden)
+            pending = add_rms_norm(library, down, None, layer.post_feedforward_norm, eps, delta)
+        add_rms_norm(library, hidden, pending, self.final_norm, eps, normed)
+        logits = self.lm_head(normed).float().view(batch_size, 1, -1)
         cap = config.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap
 
