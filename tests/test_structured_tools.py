@@ -65,6 +65,12 @@ def test_bad_tool_fields_name_the_field(tools, tool_choice, parallel, message):
         tool_plan(tools, tool_choice, parallel)
 
 
+def test_a_named_function_is_one_call_and_required_at_most_eight():
+    assert not tool_plan([WEATHER], {"type": "function", "function": {"name": "get_weather"}}).parallel
+    kind, schema = tool_plan([WEATHER], "required").forced_grammar()
+    assert kind == "json_schema" and schema["maxItems"] == 8
+
+
 def test_choice_defaults_and_format_follow_the_template():
     assert tool_plan([WEATHER]).choice == "auto"
     assert not tool_plan(None).active
@@ -84,7 +90,7 @@ def test_forced_grammars_compile_and_accept_exactly_their_calls(
     plan = tool_plan([WEATHER, ADD], tool_choice, parallel, chat_template=template)
     kind, value = plan.forced_grammar()
     call = {"name": "add", "arguments": {"a": 1.5}}
-    body = json.dumps([call] if parallel and plan.format == "json" else call, separators=(", ", ": "))
+    body = json.dumps([call] if plan.parallel and plan.format == "json" else call, separators=(", ", ": "))
     text = f"<tool_call>\n{body}\n</tool_call>\n" if plan.format == "hermes" else body
     constraint = constraint_from_options(smollm2_tokenizer, **{kind: value})
     for token_id in smollm2_tokenizer.encode(text, add_special_tokens=False):

@@ -24,6 +24,7 @@ from typing import Any
 from ember.errors import InvalidRequestError
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+MAX_CALLS = 8  # calls in one forced reply: a small model otherwise repeats its call until max_tokens
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 # The schema options the forced-call grammar compiles with (compact JSON, no free whitespace).
@@ -75,13 +76,13 @@ class ToolPlan:
             block = " ".join(
                 [json.dumps(HERMES_OPEN + "\n"), "%json", json.dumps({**one_call, "x-guidance": _X_GUIDANCE})]
             )
-            repeat = "+" if self.parallel else ""
+            repeat = " call?" * (MAX_CALLS - 1) if self.parallel else ""
             return (
                 "grammar",
                 f"start: call{repeat}\ncall: {block} {json.dumps(chr(10) + HERMES_CLOSE + chr(10))}",
             )
         if self.parallel:
-            return "json_schema", {"type": "array", "items": one_call, "minItems": 1}
+            return "json_schema", {"type": "array", "items": one_call, "minItems": 1, "maxItems": MAX_CALLS}
         return "json_schema", one_call
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -127,7 +128,9 @@ def tool_plan(
         raise InvalidRequestError("parallel_tool_calls must be a boolean")
     template = chat_template or ""
     call_format = "hermes" if HERMES_OPEN in template else "json"
-    return ToolPlan(functions, choice, forced_name, parallel_tool_calls is not False, call_format)
+    # A named function is one call (as OpenAI does); otherwise several unless the request says not.
+    parallel = parallel_tool_calls is not False and choice != "function"
+    return ToolPlan(functions, choice, forced_name, parallel, call_format)
 
 
 def new_call_id() -> str:
