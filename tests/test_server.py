@@ -208,6 +208,10 @@ def test_greedy_alone_equals_greedy_in_a_batch_of_8(server):
         thread.join(timeout=150)
     expected = alone["choices"][0]["message"]["content"]
     assert [r["choices"][0]["message"]["content"] for r in results] == [expected] * 8
+    # They decoded together: some tokens were produced in steps with more than one sequence.
+    assert metric_value(server, "ember_decode_batch_size_count") > metric_value(
+        server, 'ember_decode_batch_size_bucket{le="1.0"}'
+    )
 
 
 def test_sixteen_concurrent_streams_complete(server):
