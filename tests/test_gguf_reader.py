@@ -337,7 +337,7 @@ def test_truncated_smollm2(tmp_path, fraction):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("architecture", ["bert", "gemma3"])
+@pytest.mark.parametrize("architecture", ["bert", "mamba"])
 def test_unsupported_architecture(tmp_path, architecture):
     path = write_tiny_gguf(
         tmp_path / "other.gguf", architecture, {"token_embd.weight": np.zeros((32, 64), np.float32)}

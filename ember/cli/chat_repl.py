@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember.cli.chat_draft import DraftChat
 from ember.cli.chat_sessions import SessionCommands
-from ember.errors import ContextOverflowError, EmberError, InvalidRequestError
+from ember.errors import EmberError, InvalidRequestError
 
 if TYPE_CHECKING:
     from ember.chat import Chat
@@ -267,11 +267,6 @@ class ChatRepl(SessionCommands):
         chat = created or self.chat
         try:
             pieces = chat.send(text)
-        except ContextOverflowError as error:
-            system_prompt = chat.session.system_prompt
-            if created is not None:
-                created.store.delete_session(created.session_id)
-            raise self._overflow(error, system_prompt) from None
         except BaseException:
             if created is not None:
                 created.store.delete_session(created.session_id)
@@ -282,18 +277,6 @@ class ChatRepl(SessionCommands):
         if not self.chat.session.title:
             self.chat.set_title(title_from(text))
         self.reply(lambda: pieces)
-
-    @staticmethod
-    def _overflow(error: ContextOverflowError, system_prompt: str | None) -> ContextOverflowError:
-        """The over-long message's error, mentioning a system prompt only when there is one."""
-        if system_prompt or not error.num_prompt_tokens:
-            return error
-        return ContextOverflowError(
-            f"the message needs {error.num_prompt_tokens} tokens, but the context holds "
-            f"{error.context_length} (and the answer needs room)",
-            num_prompt_tokens=error.num_prompt_tokens,
-            context_length=error.context_length,
-        )
 
     # ---- command handlers (one per entry of COMMANDS)
 
