@@ -107,6 +107,7 @@ def test_chat_without_a_model_template_says_chatml_is_used():
     assert result.stderr.count("has no chat template; using ChatML") == 1
 
 
+@pytest.mark.slow
 def test_no_progress_bars_when_stderr_is_not_a_terminal(smollm2_gguf):
     # SmolLM2 takes more than the bars' half-second delay to load and to read a 600-token prompt.
     prompt = "The quick brown fox jumps over the lazy dog. " * 60
