@@ -78,16 +78,31 @@ class ModelHandle:
             while len(self._session_caches) > MAX_SESSION_CACHES:
                 dropped.append(self._session_caches.popitem(last=False)[1])
         for old in dropped:
-            if old.resident and not old.pinned:
-                self.engine.kv_cache.release(old)
+            self._free_entry(old)
         return entry
+
+    def _free_entry(self, entry: CacheEntry) -> None:
+        """Free a forgotten entry's slot, between engine steps.
+
+        Done under the engine's step lock when it is free within a moment; otherwise the
+        entry, unpinned and referenced by no one, is left to the cache's own LRU eviction.
+        """
+        lock = getattr(self.engine, "_step_lock", None)
+        if lock is not None and not lock.acquire(timeout=0.5):
+            return
+        try:
+            if entry.resident and not entry.pinned:
+                self.engine.kv_cache.release(entry)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def drop_session_cache(self, key: str) -> None:
         """Forget a conversation's cache entry (its session was deleted) and free its memory."""
         with self._session_caches_lock:
             entry = self._session_caches.pop(key, None)
-        if entry is not None and entry.resident and not entry.pinned:
-            self.engine.kv_cache.release(entry)
+        if entry is not None:
+            self._free_entry(entry)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
