@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 class SessionCommands:
+    """The session commands' handlers; the three methods that raise here are ChatRepl's."""
+
     chat: Any
     args: argparse.Namespace
     free_generation: tuple[str, str] | None
