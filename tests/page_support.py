@@ -146,7 +146,13 @@ def wait_until_idle(page: Any) -> None:
 
 
 def assistant_texts(page: Any) -> list[str]:
-    return [text.strip() for text in page.locator(".message.assistant .message-body").all_inner_texts()]
+    texts = page.locator(".message.assistant .message-body").all_inner_texts()
+    return [" ".join(text.split()) for text in texts]
+
+
+def message_texts(page: Any) -> list[str]:
+    """Every drawn message's text, whitespace collapsed (layout decides trailing line breaks)."""
+    return [" ".join(text.split()) for text in page.locator(".message .message-body").all_inner_texts()]
 
 
 def current_session_id(page: Any) -> str:
