@@ -12,7 +12,7 @@ import re
 import jsonschema
 import pytest
 import torch
-from conftest import STORY_MODEL
+from conftest import STORY_MODEL, TINY_RWKV
 from constraint_support import run_batch
 
 import ember
@@ -227,3 +227,31 @@ def test_json_mode_numbers_are_bounded_like_llama_cpp_json_grammar():
         assert accepted == allowed, text
         if allowed:
             json.loads(text)
+
+
+@pytest.mark.skipif(not TINY_RWKV.exists(), reason="no tiny RWKV models")
+def test_rwkv_byte_vocabulary_follows_regex_choice_and_schema():
+    rwkv = ember.load(TINY_RWKV / "tiny-rwkv-6v0-3m-Q5_0.bin")
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 99},
+            "b": {"type": "string", "maxLength": 5},
+        },
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    options = [{"regex": r"[0-9]{3}-[a-z]{2}"}, {"choice": ["alpha", "beta"]}, {"json_schema": schema}]
+    requests = [
+        GenerationRequest(
+            rwkv.encode("Hello"),
+            SamplingParams(temperature=0.8, seed=index, max_tokens=60),
+            constraint=constraint_from_options(rwkv.tokenizer, **option),
+        )
+        for index, option in enumerate(options)
+    ]
+    finished = run_batch(rwkv.engine, requests)
+    results = [finished[r.request_id] for r in requests]
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", results[0].text)
+    assert results[1].text in ("alpha", "beta")
+    jsonschema.validate(json.loads(results[2].text), schema)

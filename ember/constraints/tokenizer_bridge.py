@@ -40,7 +40,7 @@ def _build(tokenizer: Any) -> llguidance.LLTokenizer:
     try:
         if backend is not None and hasattr(backend, "to_str"):
             return llguidance.LLTokenizer(backend.to_str(), eos_token=eos_token_ids or None)
-        if hasattr(tokenizer, "token_bytes"):
+        if hasattr(tokenizer, "token_bytes") or hasattr(tokenizer, "_id_to_bytes"):
             return llguidance.LLTokenizer(
                 llguidance.TokenizerWrapper(_ByteTokens(tokenizer)), eos_token=eos_token_ids or None
             )
@@ -59,11 +59,22 @@ class _ByteTokens:
 
     def __init__(self, tokenizer: Any):
         self._tokenizer = tokenizer
-        self.tokens = [tokenizer.token_bytes(token_id) for token_id in range(tokenizer.vocab_size)]
         eos = list(getattr(tokenizer, "eos_token_ids", []) or [0])
+        if hasattr(tokenizer, "token_bytes"):
+            pieces = [tokenizer.token_bytes(token_id) for token_id in range(tokenizer.vocab_size)]
+        else:  # RWKV's ByteTrieTokenizer keeps its {id: bytes} table privately (until it grows token_bytes)
+            table = tokenizer._id_to_bytes
+            pieces = [table.get(token_id, b"") for token_id in range(tokenizer.vocab_size)]
+        specials = set(getattr(tokenizer, "special_token_ids", ()) or ()) | set(eos)
+        specials |= {token_id for token_id, piece in enumerate(pieces) if not piece}
+        # A special token (EOS) has no text: llguidance knows it by id, and by a name it never matches.
+        self.tokens = [
+            (f"<|special_{i}|>".encode() if i in specials or not piece else piece)
+            for i, piece in enumerate(pieces)
+        ]
         self.eos_token_id = eos[0]
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
-        self.special_token_ids = sorted(getattr(tokenizer, "special_token_ids", ()) or ())
+        self.special_token_ids = sorted(specials)
 
     def __call__(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):
