@@ -213,9 +213,14 @@ class Chat:
     def complete(self, text: str, **sampling: Any) -> Iterator[str]:
         """Free continuation of `text` without the chat template (not stored in the session)."""
         params = self.sampling_params.replace(**sampling)
-        for output in self.model.stream(text, params):
-            if output.text:
-                yield output.text
+        request = GenerationRequest(self.model.encode(text), params)
+        self._request_id = request.request_id  # so stop() ends it too
+        try:
+            for output in self.model.engine.generate(request):
+                if output.text:
+                    yield output.text
+        finally:
+            self._request_id = None
 
     # ------------------------------------------------------------ internals
 

@@ -82,20 +82,8 @@ class ModelHandle:
         return entry
 
     def _free_entry(self, entry: CacheEntry) -> None:
-        """Free a forgotten entry's slot, between engine steps.
-
-        Done under the engine's step lock when it is free within a moment; otherwise the
-        entry, unpinned and referenced by no one, is left to the cache's own LRU eviction.
-        """
-        lock = getattr(self.engine, "_step_lock", None)
-        if lock is not None and not lock.acquire(timeout=0.5):
-            return
-        try:
-            if entry.resident and not entry.pinned:
-                self.engine.kv_cache.release(entry)
-        finally:
-            if lock is not None:
-                lock.release()
+        """Free a forgotten entry's slot (the engine does it between steps)."""
+        self.engine.release_cache_entry(entry)
 
     def drop_session_cache(self, key: str) -> None:
         """Forget a conversation's cache entry (its session was deleted) and free its memory."""

@@ -149,7 +149,9 @@ class Sampler:
         if params.top_p < 1.0:
             # Keep the smallest prefix whose mass reaches top_p (always the top token).
             before = torch.cumsum(probs, dim=-1) - probs
-            probs = torch.where(before < params.top_p, probs, torch.zeros_like(probs))
+            keep = before < params.top_p
+            keep[0] = True  # a top_p below float32's resolution still keeps the top token
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
         if params.min_p > 0.0:
             probs = torch.where(probs >= params.min_p * probs[0], probs, torch.zeros_like(probs))
         choice = torch.multinomial(probs, 1, generator=self.generator)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ember.cache import CacheEntryBusyError, CacheFullError, KVCache
+from ember.cache import CacheEntry, CacheEntryBusyError, CacheFullError, KVCache
 from ember.engine.detokenizer import StreamingDetokenizer
 from ember.engine.sequence import GenerationRequest, Sequence, SequenceStatus, StepOutput
 from ember.engine.stop_strings import end_marker_stop_strings
@@ -77,6 +77,7 @@ class Engine:
         self._work_arrived = threading.Condition(self._inbox_lock)
         self._incoming: list[Sequence] = []  # added since the last step
         self._abort_ids: set[str] = set()  # aborts asked for since the last step
+        self._entries_to_free: list[CacheEntry] = []  # entries their owners forgot, freed at the next step
         self._active_ids: set[str] = set()  # requests added and not yet finished
         self._active_entries: set[int] = set()  # id() of caller-owned cache entries in use
         self._sinks: dict[str, OutputSink] = {}
@@ -135,6 +136,16 @@ class Engine:
             if request_id in self._active_ids:
                 self._abort_ids.add(request_id)
                 self._work_arrived.notify_all()
+
+    def release_cache_entry(self, entry: CacheEntry) -> None:
+        """Free a caller-owned entry's memory (a closed session); applied between steps, from any thread."""
+        with self._work_arrived:
+            self._entries_to_free.append(entry)
+        if not self.loop_running and self._step_lock.acquire(blocking=False):
+            try:
+                self._take_inbox([])
+            finally:
+                self._step_lock.release()
 
     def has_unfinished(self) -> bool:
         return bool(self._incoming or self.waiting or self.running)
@@ -280,6 +291,10 @@ class Engine:
         with self._inbox_lock:
             incoming, self._incoming = self._incoming, []
             aborts, self._abort_ids = self._abort_ids, set()
+            forgotten, self._entries_to_free = self._entries_to_free, []
+        for entry in forgotten:
+            if not entry.pinned:
+                self.kv_cache.release(entry)
         self.waiting.extend(incoming)
         if aborts:
             for sequence in [*self.waiting, *self.running]:
