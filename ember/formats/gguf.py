@@ -185,7 +185,10 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         path=path,
         gguf_version=int(reader.fields["GGUF.version"].parts[0][0]),
         file_size=path.stat().st_size,
-        tensor_types={name: _type_name(tensor) for name, tensor in tensors.items()},
+        tensor_types={  # split tensors (Qwen3-MoE experts) take their type from the loaded views
+            name: raw_tensors[name].tensor_type.name if name in raw_tensors else _type_name(tensor)
+            for name, tensor in tensors.items()
+        },
         rope_freq_factors=rope_freq_factors,
     )
 
