@@ -1,4 +1,4 @@
-# Two entry points for a fresh clone: `make run` (install everything, then chat) and `make test`.
+# Two entry points for a fresh clone: `make run` (install everything, then serve the web page and API) and `make test`.
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(BIN)/ember chat
+	$(BIN)/ember serve
 
 lint: install
 	$(BIN)/ruff check ember tests
