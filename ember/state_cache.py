@@ -233,6 +233,11 @@ class RNNStatePool:
         self._fit_snapshots(0)
         return len(token_ids)
 
+    def drop_snapshots(self) -> None:
+        """Forget every snapshot (a benchmark that must read the same prompt afresh each time)."""
+        self.snapshots.clear()
+        self._pending.clear()
+
     # ------------------------------------------------------------ bookkeeping
 
     def _snapshot(self, key: tuple[int, ...], state: State) -> None:

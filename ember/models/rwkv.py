@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ember.formats.rwkv_layout import check_tensors
 from ember.models.batch import ForwardBatch
 from ember.models.rwkv_config import RWKVConfig
 from ember.models.rwkv_layers import LinearFactory, RWKVBlock, as_float
@@ -44,6 +43,9 @@ class RWKVModel:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
+        # imported here: rwkv_layout imports ember.models (for RWKVConfig), which imports this module
+        from ember.formats.rwkv_layout import check_tensors
+
         check_tensors(config, tensors)
         self.blocks: list[RWKVBlock] = []
         for index in range(config.num_layers):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ember.models import rwkv_native
+
 Captures = dict[int, list[int]]  # batch row -> token counts (1..T) after which to copy the state
 
 
@@ -40,6 +42,23 @@ def _capture(captured: dict, captures: Captures | None, step: int, states: tuple
             captured[(row, step)] = tuple(state[row].clone() for state in states)
 
 
+def _segments(steps: int, captures: Captures | None) -> list[int]:
+    """Chunk ends for a native run: every capture count, then the chunk's end."""
+    ends = {count for counts in (captures or {}).values() for count in counts if 0 < count < steps}
+    return sorted(ends) + [steps]
+
+
+def _native_run(step, steps: int, captures: Captures | None, states: tuple[torch.Tensor, ...]):
+    """Run `step(start, end, states) -> (out, states)` over segments, capturing states at their ends."""
+    pieces, captured, start = [], {}, 0
+    for end in _segments(steps, captures):
+        out, states = step(start, end, states)
+        pieces.append(out)
+        _capture(captured, captures, end, states)
+        start = end
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0], states, captured
+
+
 def wkv4(
     decay: torch.Tensor,
     bonus: torch.Tensor,
@@ -53,8 +72,15 @@ def wkv4(
     decay (C,) = -exp(w), bonus (C,) = u; k, v (B, T, C) float32; state (aa, bb, pp) each (B, C).
     Returns wkv (B, T, C), the new state, and captured states {(row, count): (aa, bb, pp)}.
     """
-    aa, bb, pp = state
     steps = k.shape[1]
+    if rwkv_native.usable(k, v, *state):
+
+        def step(start, end, states):
+            out, states = rwkv_native.wkv4(decay, bonus, k[:, start:end], v[:, start:end], *states)
+            return out, states
+
+        return _native_run(step, steps, captures, tuple(state))
+    aa, bb, pp = state
     out = torch.empty_like(k)
     captured: dict = {}
     for t in range(steps):
@@ -91,9 +117,20 @@ def wkv5(
     out_t = r_t (bonus * k_t v_t^T + S);  S <- k_t v_t^T + decay * S.
     """
     steps = r.shape[1]
+    per_token = decay.dim() == 4
+    if rwkv_native.usable(r, k, v, decay, state):
+
+        def step(start, end, states):
+            part = decay[:, start:end] if per_token else decay
+            out, new = rwkv_native.wkv5(
+                r[:, start:end], k[:, start:end], v[:, start:end], part, bonus, states[0]
+            )
+            return out, (new,)
+
+        out, (state,), captured = _native_run(step, steps, captures, (state,))
+        return out, state, captured
     out = torch.empty_like(v)
     captured: dict = {}
-    per_token = decay.dim() == 4
     decay_column = None if per_token else decay.unsqueeze(-1)  # (H, N, 1)
     bonus_row = bonus.unsqueeze(0)  # (1, H, N)
     for t in range(steps):
@@ -123,6 +160,15 @@ def wkv7(
     state (B, H, N_value, N_key).
     """
     steps = r.shape[1]
+    if rwkv_native.usable(r, decay, k, v, removal, replacement, state):
+
+        def step(start, end, states):
+            parts = [t[:, start:end] for t in (r, decay, k, v, removal, replacement)]
+            out, new = rwkv_native.wkv7(*parts, states[0])
+            return out, (new,)
+
+        out, (state,), captured = _native_run(step, steps, captures, (state,))
+        return out, state, captured
     out = torch.empty_like(v)
     captured: dict = {}
     for t in range(steps):
