@@ -308,18 +308,22 @@ class Engine:
         if not decoding:
             return
         try:
-            rows = self._decode(decoding)
+            sequences, logits = self._decode(decoding)
         except Exception:
             if len(decoding) == 1:
                 outputs.append(self._fail(decoding[0], "the forward pass failed"))
                 return
-            rows = []  # find out who fails: each alone
+            sequences, rows = [], []  # find out who fails: each alone
             for sequence in decoding:
                 try:
-                    rows.extend(self._decode([sequence]))
+                    rows.append(self._decode([sequence])[1][0])
+                    sequences.append(sequence)
                 except Exception:
                     outputs.append(self._fail(sequence, "the forward pass failed"))
-        self._accept_rows(rows, outputs)
+            if not sequences:
+                return
+            logits = torch.stack(rows)
+        self._accept_rows(sequences, logits, outputs)
 
     def _reserve_decode_room(self, decoding: list[Sequence], outputs: list[StepOutput]) -> None:
         """Grow the cache for this step's keys, preempting the newest sequences when it cannot."""
@@ -337,8 +341,8 @@ class Engine:
                 else:
                     outputs.append(self._fail(decoding.pop(), "the KV cache budget cannot hold this request"))
 
-    def _decode(self, sequences: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
-        """One batched forward of each sequence's last token; (sequence, logits (vocab,)) pairs."""
+    def _decode(self, sequences: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """One batched forward of each sequence's last token: the sequences by slot, logits (batch, vocab)."""
         sequences = sorted(sequences, key=lambda s: s.cache_entry.slot)  # consecutive slots read as a view
         batch = ForwardBatch(
             token_ids=torch.tensor([[s.output_token_ids[-1]] for s in sequences], device=self.model.device),
@@ -348,19 +352,18 @@ class Engine:
         logits = self.model.forward(batch, self.kv_cache)[:, -1].cpu()  # samplers draw on the CPU
         for sequence in sequences:
             sequence.cache_entry.token_ids.append(sequence.output_token_ids[-1])
-        return list(zip(sequences, logits))
+        return sequences, logits
 
-    def _accept_rows(self, rows: list[tuple[Sequence, torch.Tensor]], outputs: list[StepOutput]) -> None:
-        if not rows:
-            return
-        sequences = [sequence for sequence, _ in rows]
+    def _accept_rows(
+        self, sequences: list[Sequence], logits: torch.Tensor, outputs: list[StepOutput]
+    ) -> None:
         if greedy_batch_allowed(sequences):
-            logits = torch.stack([row for _, row in rows])[:, : self.vocab_size]
+            logits = logits[:, : self.vocab_size]
             if bool(torch.isfinite(logits).all()):
                 for sequence, token_id in zip(sequences, torch.argmax(logits, dim=-1).tolist()):
                     outputs.append(self._accept_token(sequence, TokenChoice(token_id)))
                 return
-        for sequence, row in rows:
+        for sequence, row in zip(sequences, logits):
             outputs.append(self._choose_and_accept(sequence, row))
 
     def _choose_and_accept(self, sequence: Sequence, logits: torch.Tensor) -> StepOutput:
