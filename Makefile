@@ -31,8 +31,10 @@ lint: install
 browser:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+# Two stages: the fast suite, then the slow browser, load, soak and real-model tests (marked `slow`).
 test: lint browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m slow
 
 bench: install
 	$(BIN)/ember bench --compare

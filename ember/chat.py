@@ -60,7 +60,9 @@ class Chat:
         self.store = store if store is not None else SessionStore(":memory:")
         self.template = ChatTemplate.for_tokenizer(model.tokenizer)
         if session_id is None:
-            params = sampling_params or SamplingParams()
+            # A model family may bring its own chat habits (RWKV: ChatRWKV's decaying penalties).
+            defaults = getattr(model.tokenizer, "sampling_defaults", None) or {}
+            params = sampling_params or SamplingParams.from_dict(defaults)
             session = self.store.create_session(
                 title=title,
                 system_prompt=system_prompt,
@@ -323,7 +325,13 @@ class Chat:
         token_ids, dropped = plan
         params = params or self.sampling_params
         room = self.model.engine.context_length - len(token_ids)
-        params = params.replace(max_tokens=max(1, min(params.max_tokens, room)))
+        # Turn markers the model writes as text (RWKV's blank line before "User:") end the reply.
+        turn_stops = [
+            t for t in getattr(self.model.tokenizer, "chat_stop_strings", ()) if t not in params.stop
+        ]
+        params = params.replace(
+            max_tokens=max(1, min(params.max_tokens, room)), stop=[*params.stop, *turn_stops]
+        )
         request = GenerationRequest(token_ids, params, cache_entry=self.cache_entry)
         stream = ReplyStream(self, begin, request, dropped)
         self._reply = weakref.ref(stream)
