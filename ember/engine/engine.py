@@ -56,6 +56,7 @@ class Engine:
         kv_cache: KVCache | None = None,
         max_batch_size: int = 16,
         prefill_chunk_size: int = 512,
+        interleaved_prefill_chunk: int = 64,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -66,6 +67,9 @@ class Engine:
         # At most this many prompt tokens are read per step (and per forward call), so running
         # streams wait at most one chunk between their tokens.
         self.prefill_chunk_size = prefill_chunk_size
+        # While streams are decoding, a step reads at most this many prompt tokens: their next token
+        # waits for one small chunk (a few times a decode step), not for 512 tokens of somebody's prompt.
+        self.interleaved_prefill_chunk = interleaved_prefill_chunk
         self.stop_token_ids = frozenset(tokenizer.eos_token_ids)
         self.stop_token_texts = end_marker_stop_strings(tokenizer)
         self.waiting: deque[Sequence] = deque()  # admission order; PREFILLING ones at the front
@@ -374,8 +378,13 @@ class Engine:
         return self._accept_token(sequence, choice)
 
     def _read_prompts(self, outputs: list[StepOutput]) -> None:
-        """Read waiting prompts, a chunk per forward, up to `prefill_chunk_size` tokens this step."""
-        budget = self.prefill_chunk_size
+        """Read waiting prompts, a chunk per forward, up to the step's budget of prompt tokens."""
+        decoding = any(s.status is SequenceStatus.RUNNING for s in self.running)
+        budget = (
+            min(self.interleaved_prefill_chunk, self.prefill_chunk_size)
+            if decoding
+            else self.prefill_chunk_size
+        )
         while budget > 0 and self.waiting:
             sequence = self.waiting[0]
             if sequence.status is SequenceStatus.WAITING:
