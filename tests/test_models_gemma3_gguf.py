@@ -90,7 +90,9 @@ def test_dequantized_logits_match_transformers_past_the_window(exact, reference)
         expected = reference(torch.tensor([tokens]), logits_to_keep=DECODED + 1).logits[0]
     ours = _cached_logits(exact, tokens, DECODED)
     assert ours.shape == expected.shape
-    assert (ours - expected).abs().max().item() < 1e-3
+    # Gemma's logits reach ~30; float32 sums over its 262,144-row output layer and 640-wide rows vary
+    # with the threads' split from run to run (2.2e-4 to 1.2e-3 measured), so the bound has that margin.
+    assert (ours - expected).abs().max().item() < 2e-3
     # and every position of a prompt prefilled in one call
     with torch.no_grad():
         expected = reference(torch.tensor([tokens[:80]])).logits[0]
