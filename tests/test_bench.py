@@ -70,3 +70,27 @@ def test_targets_are_judged_for_the_execution_they_are_set_for():
     float32 = {**quantized, "quant": "none"}
     assert target_verdicts(float32) == {"decode_b1_vs_transformers": {"target": "at least 3.0x", "met": True}}
     assert target_verdicts({**float32, "ratios": {"decode_b1_vs_transformers": None}}) == {}
+
+
+def test_gemma_targets_are_issue_16s():
+    gemma = {"quant": "q4_k", "dtype": "float32", "architecture": "gemma3"}
+    gemma["ratios"] = {"decode_b1_vs_llamacpp_tg128": 1.3, "prefill_vs_llamacpp_pp512": 1.9}
+    assert target_verdicts(gemma) == {
+        "decode_b1_vs_llamacpp_tg128": {"target": "at least 1.25x", "met": True},
+        "prefill_vs_llamacpp_pp512": {"target": "at least 2.0x", "met": False},
+    }
+
+
+def test_ratios_use_the_sizes_llama_bench_ran_at():
+    results = {
+        "prefill_tok_s": 300.0,
+        "decode_tok_s": 60.0,
+        "prompt_tokens": 64,
+        "decode_tokens": 16,
+        "decode_tok_s_by_batch": {"1": 60.0},
+        "peak_rss_mib": None,
+        "peers": {"llama.cpp": {"pp64": 100.0, "tg16": 40.0, "pp512": 1.0, "tg128": 1.0}},
+    }
+    figures = ratios(results)
+    assert figures["prefill_vs_llamacpp_pp512"] == 3.0
+    assert figures["decode_b1_vs_llamacpp_tg128"] == 1.5

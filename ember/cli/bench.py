@@ -16,7 +16,7 @@ from ember.cli.options import add_model_options, load_model_from_args
 from ember.errors import EmberError
 
 PEERS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "peers"
-LLAMACPP_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp" / "bin"
+PEER_NAMES = ("llama.cpp", "transformers")
 
 
 def add_parser(subcommands: argparse._SubParsersAction) -> None:
@@ -29,7 +29,18 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--compare", action="store_true", help="also run the peers' benchmark scripts")
-    parser.add_argument("--peers-dir", default=str(PEERS_DIR), help="folder with bench-llamacpp.sh etc.")
+    parser.add_argument(
+        "--peers",
+        default=",".join(PEER_NAMES),
+        help="with --compare: which peers, comma-separated (default: llama.cpp,transformers)",
+    )
+    parser.add_argument(
+        "--llama-cpp-bin",
+        default=None,
+        metavar="DIR",
+        help="llama.cpp's bin folder (default: the first ~/.cache/ember-peers/*/bin that runs here)",
+    )
+    parser.add_argument("--peers-dir", default=str(PEERS_DIR), help="folder with bench-transformers.py")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repetitions (a smoke test)")
     parser.set_defaults(run=run)
@@ -39,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.prompt_tokens, args.decode_tokens, args.repetitions = 64, 16, 1
     batches = [int(size) for size in args.batches.split(",") if size]
+    peers = [name for name in args.peers.split(",") if name]
+    unknown = sorted(set(peers) - set(PEER_NAMES))
+    if unknown:
+        raise EmberError(f"--peers: unknown peer {unknown[0]!r} (choose from {', '.join(PEER_NAMES)})")
     log = (lambda message: None) if args.json else (lambda message: print(message, file=sys.stderr))
 
     log("measuring cold start (a fresh process, load to first token)...")
@@ -52,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
         "format": handle.info.format,
         "quant": handle.info.quant,
         "dtype": str(handle.info.dtype).removeprefix("torch."),
+        "architecture": handle.config.architecture,
         "threads": _threads(),
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "quick": args.quick,
         "load_s": round(handle.info.load_seconds, 3),
         "ttft_cold_s": cold["ttft_s"],
         "peak_rss_mib": cold["peak_rss_mib"],
@@ -75,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.compare:
         del handle  # free memory before the peers run
-        results["peers"] = run_peers(args, log)
+        results["peers"] = run_peers(args, peers, batches, log)
         results["ratios"] = ratios(results)
         results["targets"] = target_verdicts(results)
     if args.json:
@@ -132,33 +151,58 @@ def cold_start(args: argparse.Namespace) -> dict[str, float]:
     return {"ttft_s": round(ttft, 3), "peak_rss_mib": float(peak.group(1)) if peak else None}
 
 
-def run_peers(args: argparse.Namespace, log) -> dict[str, Any]:
-    """llama.cpp (when built) and transformers (when importable), on the same model file, now."""
+def run_peers(args: argparse.Namespace, names: list[str], batches: list[int], log) -> dict[str, Any]:
+    """llama.cpp (a build that runs here) and transformers (when importable), on the same model file, now."""
     from ember.loader import resolve_model_path
 
-    peers: dict[str, Any] = {}
+    results: dict[str, Any] = {}
     model_path = resolve_model_path(args.model)
-    peers_dir = Path(args.peers_dir)
-    threads = str(args.threads or _threads())
-    env = {**os.environ, "THREADS": threads}
-    if model_path.suffix == ".gguf" and (LLAMACPP_BIN / "llama-bench").exists():
-        log("running llama.cpp (bench-llamacpp.sh)...")
-        peers["llama.cpp"] = _json_line(["bash", str(peers_dir / "bench-llamacpp.sh"), str(model_path)], env)
-        peers["llama.cpp"]["peak_rss_mib"] = _llamacpp_peak_rss(model_path, threads)
-    else:
-        peers["llama.cpp"] = {"skipped": f"not built: run {peers_dir / 'build-llamacpp.sh'}"}
-    try:
-        import transformers  # noqa: F401
+    threads = args.threads or _threads()
+    if "llama.cpp" in names:
+        results["llama.cpp"] = _run_llamacpp(args, model_path, threads, batches, log)
+    if "transformers" in names:
+        try:
+            import transformers  # noqa: F401
 
-        log("running transformers float32 (bench-transformers.py)...")
-        command = [sys.executable, str(peers_dir / "bench-transformers.py"), str(model_path.parent)]
-        if model_path.suffix == ".gguf":
-            command += ["--gguf", model_path.name]
-        command += ["--threads", threads, "--batches", "1,8"]
-        peers["transformers"] = _json_line(command, env)
-    except ImportError:
-        peers["transformers"] = {"skipped": "transformers is not installed"}
-    return peers
+            log("running transformers float32 (bench-transformers.py)...")
+            script = Path(args.peers_dir) / "bench-transformers.py"
+            command = [sys.executable, str(script), str(model_path.parent)]
+            if model_path.suffix == ".gguf":
+                command += ["--gguf", model_path.name]
+            command += ["--threads", str(threads), "--batches", "1,8"]
+            results["transformers"] = _json_line(command, {**os.environ, "THREADS": str(threads)})
+        except ImportError:
+            results["transformers"] = {"skipped": "transformers is not installed"}
+    return results
+
+
+def _run_llamacpp(
+    args: argparse.Namespace, model_path: Path, threads: int, batches: list[int], log
+) -> dict[str, Any]:
+    """llama-bench at ember's prompt and decode sizes, llama-batched-bench at its batches, peak RSS."""
+    from ember import peers as llamacpp
+
+    if model_path.suffix != ".gguf":
+        return {"skipped": f"llama.cpp needs a .gguf file; {model_path.name} is not one"}
+    try:
+        llama = llamacpp.find_llama_cpp(model_path, args.llama_cpp_bin, threads)
+        for path, why in llama.rejected.items():
+            log(f"skipping the llama.cpp in {path}: {why}")
+        log(f"running llama.cpp from {llama.bin_dir} (llama-bench, llama-batched-bench)...")
+        figures: dict[str, Any] = {"bin": str(llama.bin_dir)}
+        figures.update(
+            llamacpp.llama_bench(
+                llama, model_path, threads, args.prompt_tokens, args.decode_tokens, args.repetitions
+            )
+        )
+        context_prompt = min(128, args.prompt_tokens)
+        figures["batched"] = llamacpp.llama_batched_bench(
+            llama, model_path, threads, batches, context_prompt, args.decode_tokens
+        )
+        figures["peak_rss_mib"] = llamacpp.llama_cli_peak_rss(llama, model_path, threads, args.decode_tokens)
+        return figures
+    except llamacpp.PeerError as error:
+        return {"error": str(error)}
 
 
 def _json_line(command: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -167,18 +211,6 @@ def _json_line(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     if result.returncode != 0 or not lines:
         return {"error": (result.stderr.strip() or result.stdout.strip())[-300:]}
     return json.loads(lines[-1])
-
-
-def _llamacpp_peak_rss(model_path: Path, threads: str) -> float | None:
-    """Peak RSS of llama-cli generating 128 tokens at batch 1 (GNU time's maximum resident set)."""
-    cli = LLAMACPP_BIN / "llama-cli"
-    if not cli.exists() or not Path("/usr/bin/time").exists():
-        return None
-    command = ["/usr/bin/time", "-v", str(cli), "-m", str(model_path), "-t", threads, "-n", "128",
-               "-p", "Tell me a story.", "-st", "--temp", "0"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
-    return round(int(match.group(1)) / 1024) if match else None
 
 
 # The performance goals, as (ratio name, bound, "at least" or "at most", the execution they are set for):
@@ -191,13 +223,21 @@ TARGETS = (
     ("peak_rss_vs_llamacpp", 2.5, "at most", "quantized"),
     ("decode_b1_vs_transformers", 3.0, "at least", "float32"),
 )
+# Issue 16's goals for Gemma 3 270M Q4_K_M, against llama-bench on the same file.
+TARGETS_BY_ARCHITECTURE = {
+    "gemma3": (
+        ("decode_b1_vs_llamacpp_tg128", 1.25, "at least", "quantized"),
+        ("prefill_vs_llamacpp_pp512", 2.0, "at least", "quantized"),
+    ),
+}
 
 
 def target_verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """For each target that applies to this run's execution: its bound and whether the ratio meets it."""
     execution = "float32" if results["quant"] == "none" and results["dtype"] == "float32" else "quantized"
     verdicts = {}
-    for name, bound, direction, applies_to in TARGETS:
+    targets = TARGETS_BY_ARCHITECTURE.get(results.get("architecture"), TARGETS)
+    for name, bound, direction, applies_to in targets:
         value = results.get("ratios", {}).get(name)
         if applies_to != execution or value is None:
             continue
@@ -215,9 +255,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         return round(ours / theirs, 2) if ours and theirs else None
 
     by_batch = results["decode_tok_s_by_batch"]
+    # llama-bench ran at ember's sizes (pp64/tg16 under --quick); the names keep the full run's sizes.
+    prompt, decode = results.get("prompt_tokens", 512), results.get("decode_tokens", 128)
     return {
-        "decode_b1_vs_llamacpp_tg128": ratio(results["decode_tok_s"], llama.get("tg128")),
-        "prefill_vs_llamacpp_pp512": ratio(results["prefill_tok_s"], llama.get("pp512")),
+        "decode_b1_vs_llamacpp_tg128": ratio(results["decode_tok_s"], llama.get(f"tg{decode}")),
+        "prefill_vs_llamacpp_pp512": ratio(results["prefill_tok_s"], llama.get(f"pp{prompt}")),
         "prefill_vs_transformers": ratio(results["prefill_tok_s"], hf.get("prefill512")),
         "decode_b8_vs_llamacpp_batched8": ratio(by_batch.get("8"), (llama.get("batched") or {}).get("8")),
         "peak_rss_vs_llamacpp": ratio(results["peak_rss_mib"], llama.get("peak_rss_mib")),

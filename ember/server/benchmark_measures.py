@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 
 import httpx
 
-TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+TIMEOUT = httpx.Timeout(120.0, connect=10.0)  # no chunk for two minutes: the server is stuck
+START_TIMEOUT_S = 120  # streams that have not started decoding by then
+
+
+class MeasureFailed(Exception):
+    """A request of a measurement failed (an HTTP error, a timeout, a broken stream)."""
 
 
 @dataclass
@@ -44,28 +49,46 @@ class StreamRecord:
         return (len(self.arrivals) - 1) / max(self.arrivals[-1] - self.arrivals[0], 1e-9)
 
 
-def stream_completion(base_url: str, body: dict, path: str = "/v1/completions") -> StreamRecord:
-    """POST a streamed request and record its chunk arrival times."""
+def stream_completion(
+    base_url: str,
+    body: dict,
+    path: str = "/v1/completions",
+    record: StreamRecord | None = None,
+    stop: threading.Event | None = None,
+) -> StreamRecord:
+    """POST a streamed request and record its chunk arrival times.
+
+    With `stop`, the client hangs up once it is set (the server cancels the rest), so a
+    stream can be made to last exactly as long as another measurement needs it.
+    """
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    record = StreamRecord(started=time.perf_counter())
-    with httpx.stream("POST", base_url + path, json=body, timeout=TIMEOUT) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            usage = chunk.get("usage")
-            if usage:
-                record.completion_tokens = usage.get("completion_tokens")
-            for choice in chunk.get("choices") or []:
-                text = choice.get("text")
-                if text is None:
-                    text = (choice.get("delta") or {}).get("content")
-                if text:
-                    now = time.perf_counter()
-                    record.arrivals.append(now)
-                    if record.first_token_at is None:
-                        record.first_token_at = now
+    record = record or StreamRecord(started=time.perf_counter())
+    record.started = time.perf_counter()
+    try:
+        with httpx.stream("POST", base_url + path, json=body, timeout=TIMEOUT) as response:
+            if response.status_code != 200:
+                response.read()
+                raise MeasureFailed(f"{path} answered {response.status_code}: {response.text[:200]}")
+            for line in response.iter_lines():
+                if stop is not None and stop.is_set():
+                    break
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                usage = chunk.get("usage")
+                if usage:
+                    record.completion_tokens = usage.get("completion_tokens")
+                for choice in chunk.get("choices") or []:
+                    text = choice.get("text")
+                    if text is None:
+                        text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        now = time.perf_counter()
+                        record.arrivals.append(now)
+                        if record.first_token_at is None:
+                            record.first_token_at = now
+    except httpx.HTTPError as error:
+        raise MeasureFailed(f"{path}: {type(error).__name__}: {error}") from error
     return record
 
 
@@ -98,20 +121,49 @@ def prefill_rate(base_url: str, prompt_tokens: int, repeats: int, rng: random.Ra
     return max(rates)
 
 
+class _Streams:
+    """Streams running in threads; the first failure is raised in the caller's thread on join."""
+
+    def __init__(self, base_url: str, bodies: list[dict], path: str = "/v1/completions"):
+        self.records = [StreamRecord(started=time.perf_counter()) for _ in bodies]
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+        def run(index: int) -> None:
+            try:
+                stream_completion(base_url, bodies[index], path, self.records[index], self.stop)
+            except BaseException as error:  # noqa: BLE001 - carried to the caller
+                self.errors.append(error)
+                self.stop.set()
+
+        self.threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(bodies))]
+        for thread in self.threads:
+            thread.start()
+
+    def wait_until_decoding(self, tokens: int) -> None:
+        """Until every stream has `tokens` arrivals (or one failed, or START_TIMEOUT_S passed)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while any(len(r.arrivals) < tokens for r in self.records):
+            if self.errors or all(not t.is_alive() for t in self.threads):
+                break
+            if time.monotonic() > deadline:
+                self.stop.set()
+                raise MeasureFailed(f"streams did not start decoding within {START_TIMEOUT_S} s")
+            time.sleep(0.01)
+
+    def join(self) -> list[StreamRecord]:
+        for thread in self.threads:
+            thread.join()
+        if self.errors:
+            error = self.errors[0]
+            raise error if isinstance(error, MeasureFailed) else MeasureFailed(repr(error))
+        return self.records
+
+
 def concurrent_records(
     base_url: str, bodies: list[dict], path: str = "/v1/completions"
 ) -> list[StreamRecord]:
-    records: list[StreamRecord | None] = [None] * len(bodies)
-
-    def run(index: int) -> None:
-        records[index] = stream_completion(base_url, bodies[index], path)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [r for r in records if r is not None]
+    return _Streams(base_url, bodies, path).join()
 
 
 def aggregate_decode(base_url: str, streams: int, tokens: int, rng: random.Random) -> float:
@@ -119,34 +171,41 @@ def aggregate_decode(base_url: str, streams: int, tokens: int, rng: random.Rando
     records = concurrent_records(
         base_url, [decode_body(random_prompt(16, rng), tokens) for _ in range(streams)]
     )
-    start = max(r.arrivals[0] for r in records if r.arrivals)  # everyone has started decoding
-    end = min(r.arrivals[-1] for r in records if r.arrivals)  # nobody has finished yet
+    if not all(len(r.arrivals) >= 2 for r in records):
+        raise MeasureFailed("a stream of the aggregate decode produced fewer than 2 tokens")
+    start = max(r.arrivals[0] for r in records)  # everyone has started decoding
+    end = min(r.arrivals[-1] for r in records)  # nobody has finished yet
     counted = sum(sum(1 for t in r.arrivals if start <= t <= end) for r in records)
     return counted / max(end - start, 1e-9)
 
 
 def gaps_during_long_prefill(
-    base_url: str, streams: int, long_prompt_tokens: int, rng: random.Random, stream_tokens: int = 300
+    base_url: str,
+    streams: int,
+    long_prompt_tokens: int,
+    rng: random.Random,
+    stream_limit: int = 2048,
+    before_tokens: int = 24,
 ) -> dict[str, float]:
-    """Token gaps of running streams while a long prompt is read: median before, p99 during."""
-    records: list[StreamRecord | None] = [None] * streams
+    """Token gaps of running streams while a long prompt is read: median before, p99 during.
 
-    def run(index: int) -> None:
-        records[index] = stream_completion(base_url, decode_body(random_prompt(16, rng), stream_tokens))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.5)  # the streams are decoding
-    long_started = time.perf_counter()
-    long_record = stream_completion(base_url, decode_body(random_prompt(long_prompt_tokens, rng), 1))
-    long_done = long_record.first_token_at or time.perf_counter()
-    for thread in threads:
-        thread.join()
+    The streams ask for up to `stream_limit` tokens (more than either server decodes
+    meanwhile, and within a llama-server slot's context) and are hung up on once the long
+    prompt's first token has come, so they run through the whole read however slow it is.
+    """
+    bodies = [decode_body(random_prompt(16, rng), stream_limit) for _ in range(streams)]
+    running = _Streams(base_url, bodies)
+    try:
+        running.wait_until_decoding(before_tokens)
+        long_started = time.perf_counter()
+        long_record = stream_completion(base_url, decode_body(random_prompt(long_prompt_tokens, rng), 1))
+        long_done = long_record.first_token_at or time.perf_counter()
+        time.sleep(0.3)  # the gap that straddles the end of the read has arrived
+    finally:
+        running.stop.set()
+    records = running.join()
     before, during = [], []
     for record in records:
-        if record is None:
-            continue
         for previous, current in zip(record.arrivals, record.arrivals[1:]):
             gap = current - previous
             if current < long_started:
@@ -184,19 +243,26 @@ def chat_turns(base_url: str, turns: int, rng: random.Random, reply_tokens: int 
         }
         started = time.perf_counter()
         reply_parts: list[str] = []
-        with httpx.stream(
-            "POST", base_url + "/v1/chat/completions", json={**body, "stream": True}, timeout=TIMEOUT
-        ) as response:
-            response.raise_for_status()
-            first = None
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                for choice in json.loads(line[len("data: ") :]).get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        first = first or time.perf_counter()
-                        reply_parts.append(content)
+        first = None
+        try:
+            with httpx.stream(
+                "POST", base_url + "/v1/chat/completions", json={**body, "stream": True}, timeout=TIMEOUT
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise MeasureFailed(
+                        f"/v1/chat/completions answered {response.status_code}: {response.text[:200]}"
+                    )
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    for choice in json.loads(line[len("data: ") :]).get("choices") or []:
+                        content = (choice.get("delta") or {}).get("content")
+                        if content:
+                            first = first or time.perf_counter()
+                            reply_parts.append(content)
+        except httpx.HTTPError as error:
+            raise MeasureFailed(f"/v1/chat/completions: {type(error).__name__}: {error}") from error
         firsts.append((first or time.perf_counter()) - started)
         messages.append({"role": "assistant", "content": "".join(reply_parts)})
     return firsts
