@@ -9,8 +9,10 @@ sessions API (`ember.server.sessions_routes.router`) and the web page
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from ember.server.engine_service import EngineService
 from ember.server.errors import install_error_handlers
 from ember.server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from ember.server.settings import ServerSettings
+from ember.server.torch_threads import use_one_torch_thread
 
 log = logging.getLogger("ember.server")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -94,6 +97,12 @@ def create_app(settings: ServerSettings, service: EngineService) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Only the engine's thread runs torch's parallel ops (see ember.server.torch_threads):
+        # the event loop and the executor that tokenizes and admits requests compute on one thread.
+        use_one_torch_thread()
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="ember-worker", initializer=use_one_torch_thread)
+        )
         if service.state == "loading" and not service.loaded.is_set() and service._thread is None:
             service.start_loading()
         yield

@@ -32,6 +32,7 @@ from ember.chat import Chat
 from ember.errors import EmberError
 from ember.server.errors import ApiError, api_error_from_ember_error
 from ember.server.sessions_protocol import message_json
+from ember.server.torch_threads import use_one_torch_thread
 from ember.sessions import NotFoundError, SessionStore
 
 log = logging.getLogger("ember.server")
@@ -166,6 +167,7 @@ class SessionService:
         return reply
 
     def _run(self, reply: Reply, handle: Any, action: ReplyAction) -> None:
+        use_one_torch_thread()  # torch's parallel threads are the engine's (ember.server.torch_threads)
         pieces: Iterator[str] | None = None
         final: dict[str, Any] | None = None
         serial = None if hasattr(handle.engine, "start") else self._serial
