@@ -90,25 +90,36 @@ def _chat(client, text: str, **options):
     )
 
 
-def test_json_mode_replies_parse(client):
-    for seed, prompt in enumerate(
-        ["Give me your favourite book as JSON.", "Tell me about Paris.", "Who are you?"]
-    ):
+JSON_PROMPTS = [
+    "Describe a cat as a JSON object.",
+    "Give me your favourite book as JSON.",
+    "What is the weather like today? Answer in JSON.",
+    "List three fruits and their colours.",
+    "Write a short poem.",
+    "Who are you?",
+    "Make a shopping list for a picnic.",
+    "Tell me about Paris.",
+    "Convert 10 km to miles.",
+    "Suggest a name for a dog.",
+]
+
+
+def test_json_mode_replies_parse_for_ten_varied_prompts(client):
+    """Each reply is a JSON object; one the model would not end is closed within max_tokens ("length")."""
+    for seed, prompt in enumerate(JSON_PROMPTS):
         reply = client.chat.completions.create(
             model="smollm2",
-            messages=[
-                {"role": "system", "content": "You answer with one short JSON object."},
-                {"role": "user", "content": prompt},
-            ],
+            messages=[{"role": "user", "content": prompt}],
             temperature=0.8,
             response_format={"type": "json_object"},
-            max_tokens=128,
+            max_tokens=100,
             seed=seed,
         )
         choice = reply.choices[0]
         assert choice.finish_reason in ("stop", "length")
-        if choice.finish_reason == "stop":  # a 135M model may loop to max_tokens; what ends, parses
-            assert isinstance(json.loads(choice.message.content), dict)
+        assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+        if choice.finish_reason == "length":
+            assert reply.usage.completion_tokens == 100
 
 
 def test_strict_json_schema_validates(client):

@@ -19,6 +19,7 @@ from typing import Any
 import llguidance
 
 from ember.constraints.grammar_constraint import ConstraintViolationError, GrammarConstraint
+from ember.constraints.json_budget import JsonBudget, vocabulary_tables
 from ember.constraints.tokenizer_bridge import llguidance_tokenizer
 from ember.errors import InvalidRequestError
 
@@ -55,6 +56,7 @@ def constraint_from_options(
     grammar: str | None = None,
     choice: list[str] | None = None,
     strict: bool = True,
+    max_tokens: int | None = None,
 ) -> GrammarConstraint | None:
     """A new constraint for one sequence, or None when no option is set.
 
@@ -63,7 +65,9 @@ def constraint_from_options(
     `grammar`: Lark as llguidance accepts it, or llama.cpp's GBNF; `choice`:
     the output is exactly one of these strings. At most one may be given.
     `strict` False lets a schema use keywords llguidance does not implement
-    (they are ignored); True refuses them.
+    (they are ignored); True refuses them. `max_tokens`, the reply's token
+    budget, lets JSON mode close the object in time (json_budget.py): the
+    reply then parses even when it is cut ("length").
     """
     given = [
         name
@@ -98,7 +102,12 @@ def constraint_from_options(
         )
     ll_tokenizer = llguidance_tokenizer(tokenizer)
     template = _compiled_matcher(ll_tokenizer, kind, canonical, strict)
-    return GrammarConstraint(template.deep_copy(), ll_tokenizer.vocab_size, kind, ll_tokenizer.eos_tokens)
+    budget = None
+    if kind == "json_object" and max_tokens is not None:
+        budget = JsonBudget(vocabulary_tables(ll_tokenizer), int(max_tokens))
+    return GrammarConstraint(
+        template.deep_copy(), ll_tokenizer.vocab_size, kind, ll_tokenizer.eos_tokens, budget
+    )
 
 
 def compile_cache_size() -> int:

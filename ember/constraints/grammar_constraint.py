@@ -14,6 +14,7 @@ import llguidance
 import numpy as np
 import torch
 
+from ember.constraints.json_budget import JsonBudget
 from ember.errors import EmberError
 
 
@@ -25,9 +26,15 @@ class GrammarConstraint:
     """`TokenConstraint` (ember/engine/sequence.py) over an llguidance matcher; one per sequence."""
 
     def __init__(
-        self, matcher: llguidance.LLMatcher, num_tokens: int, kind: str, eos_token_ids: list[int] = ()
+        self,
+        matcher: llguidance.LLMatcher,
+        num_tokens: int,
+        kind: str,
+        eos_token_ids: list[int] = (),
+        budget: JsonBudget | None = None,
     ):
         self._matcher = matcher
+        self._budget = budget  # JSON mode with a known max_tokens: closes the object in time
         self._eos_token_ids = frozenset(eos_token_ids)
         self._num_tokens = num_tokens  # the tokenizer's vocabulary: bits beyond it are padding
         self.kind = kind  # "json_schema", "regex", "grammar", "choice": for messages and metrics
@@ -45,6 +52,8 @@ class GrammarConstraint:
         known = min(vocab_size, self._num_tokens)
         allowed = np.zeros(vocab_size, dtype=np.bool_)
         allowed[:known] = bits[:known]
+        if self._budget is not None:
+            self._budget.restrict(allowed)
         if not allowed.any() or (
             np.count_nonzero(allowed) == 1 and not self._can_take(int(np.argmax(allowed)))
         ):
@@ -62,10 +71,18 @@ class GrammarConstraint:
         if not self._matcher.consume_token(int(token_id)):
             reason = _first_line(self._matcher.get_error())
             raise ConstraintViolationError(f"token {token_id} breaks the {self.kind} constraint: {reason}")
+        if self._budget is not None:
+            self._budget.accept(int(token_id))
 
     @property
     def is_complete(self) -> bool:
-        """True once the grammar admits no further text (EOS, or e.g. the closing brace of the object)."""
+        """True once the grammar admits no further text (EOS, or e.g. the closing brace of the object).
+
+        Not when the budget closed the JSON on the reply's last token: the engine then reports
+        "length", since the model was cut off (the text still parses).
+        """
+        if self._budget is not None and self._budget.ended_by_cut:
+            return False
         return self._matcher.is_stopped() and not self._matcher.is_error()
 
     @property

@@ -49,8 +49,10 @@ class StructuredPlan:
         tools: ToolPlan | None = None,
         messages: list[dict[str, Any]] | None = None,
         template_variables: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
     ):
         self._tokenizer = tokenizer
+        self._max_tokens = max_tokens  # the reply's budget as asked: JSON mode closes within it
         self._options = options  # constraint_from_options keywords, or None for free text
         self._param = param  # the request field the constraint came from, for error messages
         self.tools = tools
@@ -63,7 +65,7 @@ class StructuredPlan:
         if self._options is None:
             return None
         try:
-            return constraint_from_options(self._tokenizer, **self._options)
+            return constraint_from_options(self._tokenizer, **self._options, max_tokens=self._max_tokens)
         except InvalidRequestError as error:
             raise ApiError(
                 400, f"{self._param}: {error}", param=self._param, code="invalid_grammar"
@@ -111,7 +113,24 @@ def plan(request: Any, handle: Any, endpoint: str) -> StructuredPlan | None:
             options, param = {kind: value}, "tools"
     if options is None and tools is None:
         return None
-    return StructuredPlan(tokenizer, options, param, tools, messages, variables)
+    budget = _asked_max_tokens(request, endpoint)
+    return StructuredPlan(tokenizer, options, param, tools, messages, variables, budget)
+
+
+def _asked_max_tokens(request: Any, endpoint: str) -> int | None:
+    """The reply's token budget when the request sets it (completions default to OpenAI's 16).
+
+    Unset on chat, the budget is the rest of the context, which is not known before the prompt
+    is rendered; JSON mode then closes in time only if the server passes the resolved budget.
+    """
+    asked = getattr(request, "max_completion_tokens", None) if endpoint == "chat" else None
+    if asked is None:
+        asked = getattr(request, "max_tokens", None)
+    if asked is None and endpoint == "completions":
+        from ember.server.openai_routes import COMPLETIONS_DEFAULT_MAX_TOKENS
+
+        asked = COMPLETIONS_DEFAULT_MAX_TOKENS
+    return asked if isinstance(asked, int) and asked > 0 else None
 
 
 def output_options(request: Any) -> tuple[dict[str, Any] | None, str | None]:
