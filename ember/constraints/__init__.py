@@ -10,6 +10,7 @@ model's reply) live in `tool_calls.py` and `tool_prompt.py`.
 from ember.constraints.compiler import clear_compile_cache, compile_cache_size, constraint_from_options
 from ember.constraints.grammar_constraint import ConstraintViolationError, GrammarConstraint
 from ember.constraints.tokenizer_bridge import llguidance_tokenizer
+from ember.constraints.warmup import warm_up
 
 __all__ = [
     "ConstraintViolationError",
@@ -18,4 +19,5 @@ __all__ = [
     "compile_cache_size",
     "constraint_from_options",
     "llguidance_tokenizer",
+    "warm_up",
 ]
