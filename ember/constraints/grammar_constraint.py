@@ -48,15 +48,16 @@ class GrammarConstraint:
         self._raise_if_error()
         self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         self._raise_if_error()
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")  # (words * 32,) 0/1
-        known = min(vocab_size, self._num_tokens)
-        allowed = np.zeros(vocab_size, dtype=np.bool_)
-        allowed[:known] = bits[:known]
+        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little").view(np.bool_)  # (words*32,)
+        if vocab_size <= self._num_tokens:
+            allowed = bits[:vocab_size]  # a view: no copy
+        else:  # padding logit rows past the tokenizer's vocabulary: never allowed
+            allowed = np.zeros(vocab_size, dtype=np.bool_)
+            allowed[: self._num_tokens] = bits[: self._num_tokens]
         if self._budget is not None:
             self._budget.restrict(allowed)
-        if not allowed.any() or (
-            np.count_nonzero(allowed) == 1 and not self._can_take(int(np.argmax(allowed)))
-        ):
+        count = np.count_nonzero(allowed)
+        if count == 0 or (count == 1 and not self._can_take(int(np.argmax(allowed)))):
             raise ConstraintViolationError(
                 f"the {self.kind} constraint allows no token here: the model's vocabulary cannot "
                 "spell what it requires next"
