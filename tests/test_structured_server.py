@@ -122,18 +122,21 @@ def test_json_mode_replies_parse_for_ten_varied_prompts(client):
             assert reply.usage.completion_tokens == 100
 
 
-def test_strict_json_schema_validates(client):
-    reply = _chat(
-        client,
-        "Describe a famous book.",
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "book", "schema": BOOK_SCHEMA, "strict": True},
-        },
-        max_tokens=200,
-        seed=3,
-    )
-    jsonschema.validate(json.loads(reply.choices[0].message.content), BOOK_SCHEMA)
+def test_strict_json_schema_validates_for_ten_varied_prompts(client):
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "book", "schema": BOOK_SCHEMA, "strict": True},
+    }
+
+    def ask(seed: int):
+        return _chat(client, JSON_PROMPTS[seed], response_format=response_format, max_tokens=200, seed=seed)
+
+    with ThreadPoolExecutor(5) as pool:
+        replies = list(pool.map(ask, range(len(JSON_PROMPTS))))
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), BOOK_SCHEMA)
 
 
 def test_guided_regex_and_choice_are_honoured(client):
@@ -246,6 +249,10 @@ def test_tool_results_render_and_the_conversation_continues(client):
         ),
         ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
         ({"extra_body": {"guided_grammar": "start: nowhere"}}, "guided_grammar"),
+        ({"extra_body": {"grammar": 'root ::= "a" | undefined-rule'}}, "grammar"),
+        ({"extra_body": {"guided_json": "{not json"}}, "guided_json"),
+        ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+        ({"extra_body": {"guided_regex": "[0-9]+", "guided_choice": ["a"]}}, "guided_choice"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
@@ -258,30 +265,91 @@ def test_bad_schemas_and_grammars_are_400s_and_the_server_stays_healthy(server, 
         _chat(client, "hi", max_tokens=5, **options)
     assert caught.value.status_code == 400
     assert caught.value.body["param"] == param
+    assert "\n" not in caught.value.body["message"]
     with server.client() as http:
         assert http.get("/health").status_code == 200
+    reply = _chat(client, "Is it raining?", max_tokens=5, extra_body={"guided_choice": ["yes", "no"]})
+    assert reply.choices[0].message.content in ("yes", "no")  # and still serves constrained requests
 
 
-def test_eight_concurrent_requests_with_eight_schemas_all_validate(client):
-    schemas = [
-        {
-            "type": "object",
-            "properties": {f"value_{index}": {"type": "integer", "minimum": index, "maximum": index * 3 + 5}},
-            "required": [f"value_{index}"],
-            "additionalProperties": False,
-        }
-        for index in range(8)
-    ]
+EIGHT_SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 9}},
+        "required": ["n"],
+    },
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}}, "required": ["colour"]},
+    {
+        "type": "object",
+        "properties": {
+            "flags": {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 3}
+        },
+        "required": ["flags"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "integer", "minimum": -99, "maximum": 99},
+                    "y": {"type": "integer", "minimum": -99, "maximum": 99},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["point"],
+    },
+    {
+        "type": "object",
+        "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["p"],
+    },
+    {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+        "required": ["code"],
+    },
+    {
+        "type": "object",
+        "properties": {"v": {"anyOf": [{"type": "null"}, {"type": "boolean"}]}},
+        "required": ["v"],
+    },
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["name"],
+    },
+]
+
+
+def test_eight_concurrent_requests_with_eight_schemas_all_validate(server, client):
+    """Eight different schemas decode in one batch, with bad requests arriving among them."""
+    schemas = [dict(schema, additionalProperties=False) for schema in EIGHT_SCHEMAS]
 
     def ask(index: int):
         response_format = {
             "type": "json_schema",
             "json_schema": {"name": f"s{index}", "schema": schemas[index]},
         }
-        reply = _chat(client, "Pick a number.", response_format=response_format, max_tokens=30, seed=index)
-        return json.loads(reply.choices[0].message.content)
+        return _chat(client, "Answer in JSON.", response_format=response_format, max_tokens=60, seed=index)
 
-    with ThreadPoolExecutor(8) as pool:
-        values = list(pool.map(ask, range(8)))
-    for value, schema in zip(values, schemas):
-        jsonschema.validate(value, schema)
+    def ask_badly(index: int):
+        with pytest.raises(openai.BadRequestError):
+            _chat(client, "hi", max_tokens=5, extra_body={"guided_regex": f"[{index}-"})
+
+    with ThreadPoolExecutor(10) as pool:
+        replies = pool.map(ask, range(8))
+        failures = [pool.submit(ask_badly, index) for index in range(2)]
+        replies = list(replies)
+        for failure in failures:
+            failure.result()
+    for reply, schema in zip(replies, schemas):
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    with server.client() as http:
+        assert http.get("/health").status_code == 200
