@@ -60,12 +60,17 @@ class StructuredPlan:
         self.template_variables = template_variables or {}
         self.new_constraint()  # compile now (cached), so a bad schema fails before anything is queued
 
-    def new_constraint(self) -> TokenConstraint | None:
-        """A fresh constraint for one choice (each sequence advances its own)."""
+    def new_constraint(self, max_tokens: int | None = None) -> TokenConstraint | None:
+        """A fresh constraint for one choice (each sequence advances its own).
+
+        `max_tokens`: the reply's resolved budget, when the caller knows it (else the one the
+        request asked for); JSON mode closes its object within it.
+        """
         if self._options is None:
             return None
+        budget = max_tokens if max_tokens is not None else self._max_tokens
         try:
-            return constraint_from_options(self._tokenizer, **self._options, max_tokens=self._max_tokens)
+            return constraint_from_options(self._tokenizer, **self._options, max_tokens=budget)
         except InvalidRequestError as error:
             raise ApiError(
                 400, f"{self._param}: {error}", param=self._param, code="invalid_grammar"
