@@ -107,8 +107,11 @@ def first_use_ms(handle: Any) -> dict[str, float]:
     return {"tokenizer_ms": tokenizer_ms, "first_use_ms": (time.perf_counter() - started) * 1e3}
 
 
-def mask_microseconds(handle: Any, tokens: int) -> float:
-    """Median time of one mask + accept, replaying a valid reply of the long schema."""
+def mask_microseconds(handle: Any, tokens: int) -> tuple[float, float]:
+    """(median, mean) microseconds of one mask + accept, replaying a valid reply of the long schema.
+
+    The mean is what a step pays on average (masks inside a bounded string cost several times
+    the median), so the share of a step is computed from it."""
     items = max(tokens // 8, 1)
     text = sample_reply(items)
     constraint = constraint_from_options(handle.tokenizer, json_schema=long_schema(items))
@@ -118,7 +121,7 @@ def mask_microseconds(handle: Any, tokens: int) -> float:
         constraint.allowed_token_mask(handle.engine.vocab_size)
         constraint.accept_token(token_id)
         times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+    return statistics.median(times) * 1e6, statistics.mean(times) * 1e6
 
 
 def run(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
@@ -126,7 +129,7 @@ def run(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
 
     handle = ember.load(model)
     results: dict[str, Any] = first_use_ms(handle)
-    results["mask_us_median"] = mask_microseconds(handle, tokens)
+    results["mask_us_median"], results["mask_us_mean"] = mask_microseconds(handle, tokens)
     schema = long_schema(tokens)  # never complete within `tokens`: all sequences decode to the end
     decode_rate(handle, 1, 4, None)  # warm the kernels
     for batch in batches:
@@ -137,7 +140,7 @@ def run(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
             "constrained_tokens_per_s": constrained,
             "ratio": constrained / free,
             # the masks' share of an unconstrained step: batch masks in series / (batch / tokens per s)
-            "mask_share_of_step": results["mask_us_median"] * 1e-6 * free,
+            "mask_share_of_step": results["mask_us_mean"] * 1e-6 * free,
         }
     return results
 
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     verdict = "ok" if results["first_use_ms"] <= 50 else "over the 50 ms target"
     print(f"schema first use: {results['first_use_ms']:.1f} ms ({verdict})")
     if results["mask_us_median"] is not None:
-        print(f"mask + accept per token: {results['mask_us_median']:.0f} us (median)")
+        median, mean = results["mask_us_median"], results["mask_us_mean"]
+        print(f"mask + accept per token: {median:.0f} us median, {mean:.0f} us mean")
     for batch in args.batch:
         row = results[f"batch_{batch}"]
         verdict = "ok" if row["ratio"] >= 0.9 else "below the 90% target"
@@ -182,7 +186,7 @@ def run_smoke(model: str, tokens: int, batches: list[int]) -> dict[str, Any]:
 
     handle = ember.load(model)
     results: dict[str, Any] = first_use_ms_string(handle)
-    results["mask_us_median"] = None  # the story model's vocabulary cannot write the long schema
+    results["mask_us_median"] = results["mask_us_mean"] = None  # the story vocabulary has no "{"
     schema = {"type": "string", "minLength": 40, "maxLength": 60}
     for batch in batches:
         free = decode_rate(handle, batch, tokens, None)
