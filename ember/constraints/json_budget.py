@@ -194,6 +194,9 @@ class VocabularyTables:
                 if after[1] == VALUE_STRING:
                     changes[token_id] = closing_length(after) - base
         self.string_changes = changes
+        self.single_bytes_leaving_strings = [
+            (token_id, byte) for token_id, byte in self.single_bytes if changes[token_id] >= UNBOUNDED
+        ]
 
 
 _tables: dict[int, tuple[llguidance.LLTokenizer, VocabularyTables]] = {}
@@ -232,15 +235,25 @@ class JsonBudget:
             return
         slack = left - 1 - closing
         narrowed = np.zeros_like(allowed)
+        candidates = self._tables.single_bytes
         if self.state[1] in (KEY_STRING, VALUE_STRING) and self.state[2] == 0:
-            changes = self._tables.string_changes[: len(allowed)]
-            narrowed[: len(changes)] = allowed[: len(changes)] & (changes <= slack)
+            # Inside a string, each token's change is known in advance (one vector test); only
+            # the one-byte tokens that leave the string or escape need following.
+            size = min(len(allowed), len(self._tables.string_changes))
+            changes = self._tables.string_changes[:size]
+            in_string = allowed[:size] & (changes < UNBOUNDED)
+            narrowed[:size] = in_string & (changes <= slack)
+            if (in_string & (changes > slack)).any():
+                self.cut = True  # text the grammar allows no longer fits
+            candidates = self._tables.single_bytes_leaving_strings
         completions = []
-        for token_id, byte in self._tables.single_bytes:
+        for token_id, byte in candidates:
             if token_id >= len(allowed) or not allowed[token_id]:
                 continue
             after = closing_length(advance(self.state, byte))
-            if after is None or after > left - 1:
+            if after is None:
+                continue  # not JSON as tracked (the grammar should not allow it either)
+            if after > left - 1:
                 self.cut = True  # a token the grammar allows no longer fits
                 narrowed[token_id] = False
             elif after == 0 and left > 1:
