@@ -160,6 +160,34 @@ def test_max_tokens_cut_reports_length(client):
     assert reply.choices[0].finish_reason == "length"
 
 
+def test_json_mode_cut_by_max_tokens_still_parses_and_says_length(client):
+    """A JSON-mode reply closed by its budget is complete JSON and honest about the cut."""
+    reasons = set()
+    for seed in range(3):
+        reply = _chat(
+            client,
+            "Describe the whole history of Rome in JSON.",
+            max_tokens=10,
+            seed=seed,
+            response_format={"type": "json_object"},
+        )
+        choice = reply.choices[0]
+        assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+        assert choice.finish_reason == "stop" or reply.usage.completion_tokens == 10
+        reasons.add(choice.finish_reason)
+    assert "length" in reasons
+    completion = client.completions.create(  # no max_tokens: completions' default budget, 16
+        model="smollm2",
+        prompt="A JSON object describing a cat:",
+        temperature=0.8,
+        seed=1,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= 16
+    assert isinstance(json.loads(completion.choices[0].text), dict)
+
+
 def _check_calls(calls, only: str | None = None):
     assert calls
     for call in calls:
