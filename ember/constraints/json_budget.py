@@ -18,6 +18,7 @@ a schema's grammar can demand arbitrarily long text before it may close.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -170,6 +171,9 @@ def _number(stack: str, aux: int, byte: int) -> State:
     return _after(stack, byte)  # the number ended; this byte follows it
 
 
+_LEAVES_STRING = re.compile(rb'["\\\x00-\x1f\x7f]')  # bytes that end a string, escape, or are not allowed
+
+
 class VocabularyTables:
     """Per tokenizer: each token's bytes, the one-byte tokens, and each token's change inside a string."""
 
@@ -189,7 +193,12 @@ class VocabularyTables:
         base = closing_length(probe)
         changes = np.full(size, UNBOUNDED, dtype=np.int64)  # (vocab,)
         for token_id, piece in enumerate(self.token_bytes):
-            if piece and not special[token_id] and b'"' not in piece and b"\\" not in piece:
+            if not piece or special[token_id] or _LEAVES_STRING.search(piece):
+                continue
+            try:
+                piece.decode("utf-8")
+                changes[token_id] = 0  # whole characters of plain text: the closing is unchanged
+            except UnicodeDecodeError:  # ends mid-character (or is not UTF-8): follow it byte by byte
                 after = advance_bytes(probe, piece)
                 if after[1] == VALUE_STRING:
                     changes[token_id] = closing_length(after) - base
