@@ -213,7 +213,7 @@ _tables_lock = threading.Lock()
 
 
 def vocabulary_tables(ll_tokenizer: llguidance.LLTokenizer) -> VocabularyTables:
-    """The tables for this llguidance tokenizer (built once, about 0.1 s for 49k tokens)."""
+    """The tables for this llguidance tokenizer (built once: 0.02 s for 49k tokens, 0.15 s for 262k)."""
     with _tables_lock:
         hit = _tables.get(id(ll_tokenizer))
         if hit is not None and hit[0] is ll_tokenizer:
