@@ -329,8 +329,12 @@ class Chat:
         turn_stops = [
             t for t in getattr(self.model.tokenizer, "chat_stop_strings", ()) if t not in params.stop
         ]
+        # Tokens the chat format must not produce mid-reply (RWKV: end of text; a turn ends at "\n\n").
+        banned = getattr(self.model.tokenizer, "chat_banned_token_ids", ())
         params = params.replace(
-            max_tokens=max(1, min(params.max_tokens, room)), stop=[*params.stop, *turn_stops]
+            max_tokens=max(1, min(params.max_tokens, room)),
+            stop=[*params.stop, *turn_stops],
+            banned_token_ids=[*params.banned_token_ids, *banned],
         )
         request = GenerationRequest(token_ids, params, cache_entry=self.cache_entry)
         stream = ReplyStream(self, begin, request, dropped)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-import unicodedata
 from pathlib import Path
 
 import tokenizers
 
 from ember.errors import ModelLoadError
+from ember.sampling import is_penalty_exempt_text
 from ember.tokenizer import Tokenizer
 
 WORLD_VOCAB_FILE = "rwkv_vocab_v20230424.txt"
@@ -43,29 +43,27 @@ RWKV_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 CHAT_STOP_STRINGS = ("\n\n",)
-# ChatRWKV's sampling habits for chat: presence and frequency penalties decaying per token.
+# ChatRWKV's sampling habits for chat: presence and frequency penalties decaying per token, which
+# spaces, punctuation and digits do not count towards. (Its ban on end-of-text mid-reply is part of
+# the chat format: `chat_banned_token_ids`, applied to every turn.)
 CHAT_SAMPLING_DEFAULTS = {
     "temperature": 1.0,
     "top_p": 0.3,
     "presence_penalty": 0.4,
     "frequency_penalty": 0.4,
     "penalty_decay": 0.996,
+    "penalty_exempt_punctuation": True,
 }
 
 
-def penalty_exempt_token_ids(tokenizer: Tokenizer, vocab_size: int) -> frozenset[int]:
+def penalty_exempt_token_ids(tokenizer: ByteTrieTokenizer, vocab_size: int) -> frozenset[int]:
     """Ids whose text is only whitespace, punctuation and digits: ChatRWKV leaves them out of the
     presence and frequency penalties, so a reply may reuse spaces, commas and numbers freely."""
-    exempt = set()
-    for token_id in range(1, vocab_size):
-        text = tokenizer.decode([token_id])
-        if (
-            text
-            and "\ufffd" not in text
-            and all(ch.isspace() or ch.isdigit() or unicodedata.category(ch).startswith("P") for ch in text)
-        ):
-            exempt.add(token_id)
-    return frozenset(exempt)
+    return frozenset(
+        token_id
+        for token_id in range(1, vocab_size)
+        if is_penalty_exempt_text(tokenizer.token_text(token_id))
+    )
 
 
 class ByteTrieTokenizer(Tokenizer):
@@ -197,8 +195,7 @@ def tokenizer_20b(path: Path, vocab_size: int = 50277) -> Tokenizer:
         chat_template=RWKV_CHAT_TEMPLATE,
     )
     tokenizer.kind = "20b"
-    tokenizer.chat_banned_token_ids = frozenset({END_OF_TEXT})
-    tokenizer.penalty_exempt_token_ids = penalty_exempt_token_ids(tokenizer, backend.get_vocab_size())
+    tokenizer.chat_banned_token_ids = frozenset({END_OF_TEXT})  # its penalty exemptions: computed on use
     tokenizer.chat_stop_strings = CHAT_STOP_STRINGS
     tokenizer.sampling_defaults = dict(CHAT_SAMPLING_DEFAULTS)
     return tokenizer

@@ -1,8 +1,15 @@
 """Logits -> next token: the sampling settings and the per-sequence sampler.
 
-Order of processing (as HF does): penalties, temperature, top-k, top-p,
-min-p, then a draw from the sequence's own seeded generator, so a seed
-reproduces the same text whether the sequence runs alone or in a batch.
+Order of processing (as HF does): banned tokens, penalties, temperature,
+top-k, top-p, min-p, then a draw from the sequence's own seeded generator, so
+a seed reproduces the same text whether the sequence runs alone or in a batch.
+
+Two of ChatRWKV's habits are here for any model: `banned_token_ids` (its chat
+never lets a reply end the document mid-turn) and
+`penalty_exempt_punctuation` (its pipeline does not count spaces and digits
+against a reply, and marks punctuation for the same; ember leaves every token
+made only of whitespace, punctuation, math/currency symbols and digits out of
+all three penalties, so a long answer may keep using commas and numbers).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import unicodedata
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +39,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI-style: subtract once for every token generated so far
     frequency_penalty: float = 0.0  # OpenAI-style: subtract per (decayed) occurrence in the output
     penalty_decay: float = 1.0  # ChatRWKV-style: occurrence counts shrink by this factor each step
+    # ChatRWKV-style: tokens made only of whitespace, punctuation, symbols and digits are never penalized
+    penalty_exempt_punctuation: bool = False
+    banned_token_ids: list[int] = field(default_factory=list)  # never sampled (their logits become -inf)
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -62,8 +74,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _whole_number(name, value, "a whole number or None"))
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be true or false, got {_shown(self.ignore_eos)}")
+        for name in ("ignore_eos", "penalty_exempt_punctuation"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be true or false, got {_shown(getattr(self, name))}")
+        self.banned_token_ids = _token_id_list("banned_token_ids", self.banned_token_ids)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)):
@@ -122,6 +136,19 @@ class Sampler:
         if params.repetition_penalty != 1.0 and prompt_token_ids:
             self.seen[torch.tensor(prompt_token_ids).clamp_(0, vocab_size - 1)] = True
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)  # decayed occurrences in output
+        banned = params.banned_token_ids  # sorted, distinct
+        if banned and banned[-1] >= vocab_size:
+            raise InvalidRequestError(
+                f"banned_token_ids must be below the vocabulary size {vocab_size}, got {banned[-1]}"
+            )
+        if len(banned) >= vocab_size:
+            raise InvalidRequestError("banned_token_ids ban every token of the vocabulary")
+        self.banned = torch.tensor(banned, dtype=torch.long) if banned else None
+        self.penalty_exempt: torch.Tensor | None = None  # (vocab,) bool: never penalized
+
+    def exempt_from_penalties(self, mask: torch.Tensor) -> None:
+        """Leave the tokens of a (vocab,) bool mask out of every penalty (penalty_exempt_punctuation)."""
+        self.penalty_exempt = mask[: self.vocab_size]
 
     def observe(self, token_id: int) -> None:
         """Record a generated token for the penalties."""
@@ -136,6 +163,10 @@ class Sampler:
         """Pick the next token from float32 logits (vocab,)."""
         params = self.params
         logits = logits[: self.vocab_size]
+        if self.banned is not None:
+            logits = logits.index_fill(0, self.banned, float("-inf"))
+            if not bool(torch.isfinite(logits).any()):
+                raise ValueError("the banned tokens leave no token to choose (with the output constraint)")
         if params.uses_penalties:
             logits = self._apply_penalties(logits.clone())
         if params.greedy:
@@ -159,6 +190,8 @@ class Sampler:
 
     def _apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
         params = self.params
+        exempt = self.penalty_exempt if params.penalty_exempt_punctuation else None
+        original = logits
         if params.repetition_penalty != 1.0:
             seen = self.seen
             penalized = torch.where(
@@ -169,7 +202,61 @@ class Sampler:
             logits = logits - params.presence_penalty * (self.output_counts > 0).float()
         if params.frequency_penalty != 0.0:
             logits = logits - params.frequency_penalty * self.output_counts
+        if exempt is not None:
+            logits = torch.where(exempt, original, logits)
         return logits
+
+
+_EXEMPT_MASKS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+# ChatRWKV's own lists: spaces, tabs and digits do not count against a reply, and (commented out
+# there, half weight) this punctuation. Unicode categories cover the same ground in every script.
+EXEMPT_CATEGORIES = ("P", "Sm", "Sc", "Sk", "Nd", "Zs")
+
+
+def is_penalty_exempt_text(text: str) -> bool:
+    """Whether a token's text is only whitespace, punctuation, math/currency symbols and digits."""
+    return (
+        bool(text)
+        and "\ufffd" not in text
+        and all(ch.isspace() or unicodedata.category(ch).startswith(EXEMPT_CATEGORIES) for ch in text)
+    )
+
+
+def penalty_exempt_token_ids(tokenizer: Any, vocab_size: int) -> frozenset[int]:
+    """The ids below `vocab_size` whose decoded text `is_penalty_exempt_text` (special tokens never)."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "decode_batch"):  # tokenizers: one call in Rust
+        # Each token decoded after a letter, so a SentencePiece "▁" keeps its space.
+        anchor = backend.encode("a", add_special_tokens=False).ids[-1:]
+        start = len(backend.decode(anchor))
+        pairs = [[*anchor, token_id] for token_id in range(vocab_size)]
+        texts = [text[start:] for text in backend.decode_batch(pairs, skip_special_tokens=False)]
+    else:
+        texts = [tokenizer.decode([token_id]) for token_id in range(vocab_size)]
+    special = set(getattr(tokenizer, "special_token_ids", ())) | set(getattr(tokenizer, "eos_token_ids", ()))
+    return frozenset(
+        token_id
+        for token_id, text in enumerate(texts)
+        if token_id not in special and is_penalty_exempt_text(text)
+    )
+
+
+def penalty_exempt_mask(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) bool of the tokens penalty_exempt_punctuation spares, computed once per tokenizer.
+
+    A tokenizer may bring its own set (`penalty_exempt_token_ids`, as the RWKV ones do).
+    """
+    mask = _EXEMPT_MASKS.get(tokenizer)
+    if mask is None or mask.shape[0] < vocab_size:
+        ids = getattr(tokenizer, "penalty_exempt_token_ids", None)
+        if ids is None:
+            ids = penalty_exempt_token_ids(tokenizer, min(vocab_size, tokenizer.vocab_size))
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        known = [token_id for token_id in ids if token_id < vocab_size]
+        if known:
+            mask[torch.tensor(known, dtype=torch.long)] = True
+        _EXEMPT_MASKS[tokenizer] = mask
+    return mask[:vocab_size]
 
 
 FLOAT_FIELDS = (
@@ -198,6 +285,21 @@ def _finite_float(name: str, value: Any) -> float:
     if not math.isfinite(number):
         raise InvalidRequestError(f"{name} must be a finite number, got {number}")
     return number
+
+
+MAX_BANNED_TOKENS = 1 << 18
+
+
+def _token_id_list(name: str, value: Any) -> list[int]:
+    """Distinct token ids, sorted: a list or tuple of whole numbers >= 0."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError(f"{name} must be a list of token ids, got {_shown(value)}")
+    if len(value) > MAX_BANNED_TOKENS:
+        raise InvalidRequestError(f"{name} may hold at most {MAX_BANNED_TOKENS} token ids")
+    ids = sorted({_whole_number(name, item, "a list of whole-number token ids") for item in value})
+    if ids and ids[0] < 0:
+        raise InvalidRequestError(f"{name} must be token ids >= 0, got {ids[0]}")
+    return ids
 
 
 def _whole_number(name: str, value: Any, wanted: str = "a whole number") -> int:

@@ -9,7 +9,7 @@ import torch
 
 import ember
 from ember.errors import InvalidRequestError
-from ember.sampling import Sampler, SamplingParams
+from ember.sampling import Sampler, SamplingParams, is_penalty_exempt_text, penalty_exempt_mask
 from tests.conftest import STORY_MODEL
 
 
@@ -75,6 +75,48 @@ def test_frequency_and_presence_penalties_with_decay():
     assert presence.sample(logits) == 1
 
 
+def test_banned_tokens_are_never_drawn():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    assert Sampler(SamplingParams(temperature=0.0, banned_token_ids=[0]), 4, []).sample(logits) == 1
+    params = SamplingParams(
+        temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=5, banned_token_ids=(2, 0, 0)
+    )
+    assert params.banned_token_ids == [0, 2]  # distinct and sorted
+    sampler = Sampler(params, 4, [])
+    assert {sampler.sample(logits) for _ in range(200)} == {1, 3}
+    with pytest.raises(InvalidRequestError, match="below the vocabulary size 4, got 4"):
+        Sampler(SamplingParams(banned_token_ids=[4]), 4, [])
+    with pytest.raises(InvalidRequestError, match="ban every token"):
+        Sampler(SamplingParams(banned_token_ids=[0, 1, 2, 3]), 4, [])
+    only_banned_left = torch.tensor([float("-inf"), 1.0, float("-inf"), float("-inf")])  # a constraint's mask
+    with pytest.raises(ValueError, match="leave no token"):
+        Sampler(SamplingParams(temperature=0.0, banned_token_ids=[1]), 4, []).sample(only_banned_left)
+
+
+def test_exempt_tokens_escape_every_penalty():
+    logits = torch.tensor([1.0, 0.9, 0.0])
+    exempt = torch.tensor([True, False, False])
+    for penalty in ({"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"repetition_penalty": 2.0}):
+        params = SamplingParams(temperature=0.0, penalty_exempt_punctuation=True, **penalty)
+        plain = Sampler(params.replace(penalty_exempt_punctuation=False), 3, [0])
+        spared = Sampler(params, 3, [0])
+        spared.exempt_from_penalties(exempt)
+        for sampler in (plain, spared):
+            sampler.observe(0)
+        assert plain.sample(logits) == 1, penalty  # token 0 is penalized below token 1
+        assert spared.sample(logits) == 0, penalty
+        spared.observe(1)
+        spared.observe(1)
+        assert spared.sample(torch.tensor([0.0, 1.0, 0.9])) == 2  # the others are still penalized
+
+
+def test_exempt_texts_are_whitespace_punctuation_symbols_and_digits():
+    for text in (" ", ",", "\n\n", "2024", "。", "!?", " (", "$", "+=", "_"):
+        assert is_penalty_exempt_text(text), repr(text)
+    for text in ("", " the", "a,", "中", "\ufffd", "😀", "x2"):
+        assert not is_penalty_exempt_text(text), repr(text)
+
+
 def test_seed_reproduces_draws():
     logits = torch.randn(500)
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123)
@@ -112,6 +154,49 @@ def test_unknown_setting_is_an_error():
 @pytest.fixture(scope="module")
 def story():
     return ember.load(STORY_MODEL)
+
+
+def test_exempt_mask_from_the_tokenizer(story):
+    tokenizer = story.tokenizer
+    mask = penalty_exempt_mask(tokenizer, story.engine.vocab_size)
+    assert mask.shape == (story.engine.vocab_size,)
+    for text in (",", ".", "!"):
+        assert all(mask[token_id] for token_id in tokenizer.encode(text, add_special_tokens=False)), text
+    for text in ("Once", "time"):  # (after a lone "▁", which is whitespace)
+        assert not mask[tokenizer.encode(text, add_special_tokens=False)[-1]], text
+    assert mask[tokenizer.encode(" ", add_special_tokens=False)[-1]]
+    assert penalty_exempt_mask(tokenizer, story.engine.vocab_size) is not None  # cached, same answer
+
+
+def test_bans_and_exemptions_through_the_engine(story):
+    prompt = "Once upon a time"
+    free = [o.token_id for o in story.stream(prompt, temperature=0.0, max_tokens=12, ignore_eos=True)]
+    banned = sorted(set(free[:3]))
+    outputs = list(
+        story.stream(prompt, temperature=0.0, max_tokens=12, ignore_eos=True, banned_token_ids=banned)
+    )
+    tokens = [o.token_id for o in outputs if o.token_id is not None]
+    assert len(tokens) == 12 and not set(tokens) & set(banned)
+    with pytest.raises(InvalidRequestError, match="below the vocabulary size"):
+        list(story.stream(prompt, max_tokens=2, banned_token_ids=[10**6]))
+    # Greedy with a strong frequency penalty that spares punctuation, against the same rule by hand.
+    penalized = {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True, "frequency_penalty": 2.0}
+    plain = [o.token_id for o in story.stream(prompt, **penalized) if o.token_id is not None]
+    spared = [
+        o.token_id
+        for o in story.stream(prompt, **penalized, penalty_exempt_punctuation=True)
+        if o.token_id is not None
+    ]
+    mask = penalty_exempt_mask(story.tokenizer, story.engine.vocab_size)
+    ids, counts, expected = story.encode(prompt), torch.zeros(story.engine.vocab_size), []
+    for _ in range(24):
+        logits = story.logits(ids)[-1, : story.engine.vocab_size]
+        token_id = int(torch.argmax(torch.where(mask, logits, logits - 2.0 * counts)))
+        counts[token_id] += 1
+        ids.append(token_id)
+        expected.append(token_id)
+    assert spared == expected
+    assert plain != spared  # the exemption changed the text (punctuation repeats in these stories)
 
 
 def test_same_seed_same_text_different_seed_different_text(story):
@@ -178,6 +263,11 @@ def test_stop_strings_spanning_tokens_are_cut_and_never_printed(story):
         ("ignore_eos", "no", "ignore_eos must be true or false"),
         ("stop", 5, "stop must be a string or a list of strings"),
         ("logprobs", 1.5, "logprobs must be a whole number or None"),
+        ("penalty_exempt_punctuation", 1, "penalty_exempt_punctuation must be true or false, got int"),
+        ("banned_token_ids", 5, "banned_token_ids must be a list of token ids, got int 5"),
+        ("banned_token_ids", [1, "2"], "banned_token_ids must be a list of whole-number token ids"),
+        ("banned_token_ids", [True], "banned_token_ids must be a list of whole-number token ids"),
+        ("banned_token_ids", [3, -1], "banned_token_ids must be token ids >= 0, got -1"),
     ],
 )
 def test_wrong_types_and_non_finite_values_name_the_field(field, value, fragment):

@@ -65,6 +65,19 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--presence-penalty", type=float, help=f"default {defaults.presence_penalty}")
     group.add_argument("--frequency-penalty", type=float, help=f"default {defaults.frequency_penalty}")
     group.add_argument("--penalty-decay", type=float, help=f"default {defaults.penalty_decay}")
+    group.add_argument(
+        "--penalty-exempt-punctuation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="leave whitespace, punctuation and digit tokens out of the penalties (ChatRWKV's habit)",
+    )
+    group.add_argument(
+        "--ban-token",
+        type=int,
+        action="append",
+        metavar="ID",
+        help="a token id never to generate (repeatable; --ban-token -1 clears a session's)",
+    )
     group.add_argument("--seed", type=int, help="same seed, same text (default: random)")
     group.add_argument(
         "--stop", action="append", help="stop string (repeatable; --stop '' clears a session's)"
@@ -86,6 +99,7 @@ SAMPLING_FLAGS = (
     "presence_penalty",
     "frequency_penalty",
     "penalty_decay",
+    "penalty_exempt_punctuation",
     "max_tokens",
     "seed",
     "ignore_eos",
@@ -97,6 +111,8 @@ def explicit_sampling(args: argparse.Namespace) -> dict[str, Any]:
     changes = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
     if args.stop is not None:
         changes["stop"] = [text for text in args.stop if text]  # '' clears
+    if getattr(args, "ban_token", None) is not None:
+        changes["banned_token_ids"] = [token_id for token_id in args.ban_token if token_id != -1]  # -1 clears
     return changes
 
 
@@ -112,6 +128,8 @@ def sampling_params_from_args(args: argparse.Namespace, base: SamplingParams | N
 def _as_flags(message: str) -> str:
     """'top_k must be ...' -> '--top-k must be ...': errors about flags name the flag the user typed."""
     name = message.split(" ", 1)[0]
+    if name == "banned_token_ids":
+        return "--ban-token" + message[len(name) :]
     if name in SAMPLING_FLAGS or name == "stop":
         return "--" + name.replace("_", "-") + message[len(name) :]
     return message

@@ -1,4 +1,4 @@
-"""One sequence's next token from its logits: constraint mask, sampler, logprobs, and their checks.
+"""One sequence's next token from its logits: constraint mask, bans, penalties, sampler, logprobs.
 
 Everything here can fail for one request alone (a distribution the sampler
 cannot draw from, logits that are NaN, a constraint that allows nothing);
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.sequence import Sequence
+from ember.sampling import penalty_exempt_mask
 
 
 @dataclass
@@ -30,6 +31,7 @@ def greedy_batch_allowed(sequences: list[Sequence]) -> bool:
     return all(
         s.params.greedy
         and not s.params.uses_penalties
+        and not s.params.banned_token_ids
         and s.params.logprobs is None
         and s.request.constraint is None
         for s in sequences
@@ -48,7 +50,12 @@ def choose_token(sequence: Sequence, logits: torch.Tensor) -> TokenChoice:
             if not bool(mask.any()):
                 raise ValueError("the output constraint allows no token")
             allowed = logits.masked_fill(~mask, float("-inf"))
-    token_id = sequence.sampler.sample(allowed)
+    sampler = sequence.sampler
+    params = sequence.params
+    if params.penalty_exempt_punctuation and params.uses_penalties and sampler.penalty_exempt is None:
+        # Which tokens are punctuation is the tokenizer's to say (computed once per tokenizer).
+        sampler.exempt_from_penalties(penalty_exempt_mask(sequence.detokenizer.tokenizer, sampler.vocab_size))
+    token_id = sampler.sample(allowed)  # bans, penalties, then the draw
     if sequence.params.logprobs is None:
         return TokenChoice(token_id)
     return TokenChoice(token_id, *_logprobs(logits, token_id, sequence.params.logprobs))
