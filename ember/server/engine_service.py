@@ -5,8 +5,8 @@ The model loads in a background thread after the HTTP server is listening
 thread runs the batched steps; a handler submits a request with
 `await service.submit(request)` (validation and tokenizing happen off the
 event loop) and reads its outputs from a `RequestGroup`, fed from the
-engine thread through `loop.call_soon_threadsafe`. Nothing on the event loop
-touches the model.
+engine thread (one `loop.call_soon_threadsafe` wake-up per batch of
+outputs). Nothing on the event loop touches the model.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ RETRY_AFTER_SECONDS = 5
 class RequestGroup:
     """The outputs of one HTTP request's engine requests (its `n` choices), read on the event loop.
 
-    All its requests feed one queue, so a route reads them in the order the
+    All its requests feed one list, so a route reads them in the order the
     engine produced them; `choice_of[request_id]` says which choice an output
-    belongs to.
+    belongs to. The engine thread appends and wakes the loop at most once per
+    batch: outputs that arrive before the loop has run take no wake-up of their
+    own, and a route takes every output waiting in one go (one socket write).
     """
 
     def __init__(
@@ -44,12 +46,14 @@ class RequestGroup:
         self.requests = requests
         self.choice_of = {request.request_id: index for index, request in enumerate(requests)}
         self.loop = loop
-        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self.sequences: list = []
         self.unfinished = set(self.choice_of)
         self.submitted_at = time.perf_counter()
         self._last_token_at: dict[str, float] = {}
-        self._getter: asyncio.Task | None = None
+        self._arrived: list[StepOutput] = []  # appended on the engine thread, taken on the loop
+        self._arrived_lock = threading.Lock()
+        self._wakeup_pending = False  # a wake-up is on its way to the loop: no need for another
+        self._waiter: asyncio.Future[None] | None = None  # set while a route waits for outputs
 
     @property
     def finished(self) -> bool:
@@ -75,23 +79,48 @@ class RequestGroup:
             metrics.generated_tokens.inc(output.num_generated_tokens)
             if output.num_cached_tokens:
                 metrics.cached_prompt_tokens.inc(output.num_cached_tokens)
+        with self._arrived_lock:
+            self._arrived.append(output)
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+            self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
             pass
 
-    async def next(self, timeout: float | None = None) -> StepOutput | None:
-        """The next output of any choice, or None when `timeout` seconds pass first (resumable)."""
-        if self._getter is None:
-            self._getter = asyncio.ensure_future(self.queue.get())
-        done, _ = await asyncio.wait([self._getter], timeout=timeout)
-        if not done:
-            return None
-        output = self._getter.result()
-        self._getter = None
-        if output.finished:
-            self.unfinished.discard(output.request_id)
-        return output
+    def _wake(self) -> None:
+        with self._arrived_lock:
+            self._wakeup_pending = False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _take(self) -> list[StepOutput]:
+        with self._arrived_lock:
+            outputs, self._arrived = self._arrived, []
+        for output in outputs:
+            if output.finished:
+                self.unfinished.discard(output.request_id)
+        return outputs
+
+    async def next_outputs(self, timeout: float | None = None) -> list[StepOutput]:
+        """Every output that has arrived (in order), waiting for one; [] when `timeout` seconds pass first."""
+        outputs = self._take()
+        while not outputs and not self.finished:
+            # No await between the look above and this wait: a wake-up cannot slip in between.
+            waiter = self._waiter = self.loop.create_future()
+            try:
+                if timeout is None:
+                    await waiter
+                else:
+                    await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                return self._take()
+            finally:
+                self._waiter = None
+            outputs = self._take()
+        return outputs
 
     async def first_outputs(self, queue_timeout: float, is_disconnected=None) -> list[StepOutput]:
         """Outputs until every choice has produced one (its first token, or its end).
@@ -104,10 +133,10 @@ class RequestGroup:
         seen: set[str] = set()
         outputs: list[StepOutput] = []
         while len(seen) < len(self.requests):
-            output = await self.next(timeout=max(0.05, min(0.5, deadline - time.perf_counter())))
-            if output is not None:
-                seen.add(output.request_id)
-                outputs.append(output)
+            arrived = await self.next_outputs(timeout=max(0.05, min(0.5, deadline - time.perf_counter())))
+            if arrived:
+                seen.update(output.request_id for output in arrived)
+                outputs.extend(arrived)
                 continue
             if is_disconnected is not None and await is_disconnected():
                 self.abort()
@@ -131,9 +160,9 @@ class RequestGroup:
 
     def close(self) -> None:
         self.abort()
-        if self._getter is not None:
-            self._getter.cancel()
-            self._getter = None
+        if self._waiter is not None:
+            self._waiter.cancel()
+            self._waiter = None
 
 
 class ClientGone(Exception):
@@ -189,6 +218,9 @@ class EngineService:
     def _load(self) -> None:
         try:
             handle = self._load_model(self._progress)
+            from ember.constraints import warm_up  # structured output's once-per-model work, before "ready"
+
+            warm_up(handle.tokenizer)
             engine = handle.engine
             if self.max_batch_size is not None:
                 engine.max_batch_size = self.max_batch_size

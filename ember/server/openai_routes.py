@@ -10,7 +10,6 @@ its requests, which frees their cache within one step.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ember.handle import ModelHandle
 from ember.server.engine_service import ClientGone, RequestGroup
-from ember.server.errors import ApiError, error_body
+from ember.server.errors import ApiError, engine_failure
 from ember.server.generation import Choice, check_common_fields, new_id, resolve_max_tokens, start_choices
 from ember.server.model_names import check_model_name
 from ember.server.prompts import message_dicts, render_chat_prompt
@@ -30,7 +29,7 @@ from ember.server.protocol import (
     CompletionRequest,
     ErrorResponse,
 )
-from ember.server.response_shapes import ChatFormat, CompletionFormat
+from ember.server.response_shapes import ChatFormat, CompletionFormat, sse_event
 from ember.server.structured_hook import plan_structured_output
 
 router = APIRouter()
@@ -43,15 +42,6 @@ RESPONSES[200] = {
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_SECONDS = 0.5
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    data = (
-        payload
-        if isinstance(payload, str)
-        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    )
-    return f"data: {data}\n\n"
 
 
 # ------------------------------------------------------------------ the routes
@@ -143,6 +133,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _answer(request, body, group, choices, CompletionFormat(response_id, model, plan, echo_text))
 
 
+def _failure(body: ChatCompletionRequest | CompletionRequest, error: str | None) -> ApiError:
+    """A choice the engine ended with "error": 4xx when the request caused it, else 500."""
+    structured = body.structured_fields_set()
+    return engine_failure(error, param=structured[0] if structured else None)
+
+
 async def _answer(
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
@@ -155,9 +151,7 @@ async def _answer(
         first = await group.first_outputs(service.queue_timeout, request.is_disconnected)
         for output in first:
             if output.finish_reason == "error":
-                raise ApiError(
-                    500, f"generation failed: {output.error or 'unknown error'}", code="engine_error"
-                )
+                raise _failure(body, output.error)
     except ClientGone:
         group.close()
         return Response(status_code=499)
@@ -167,7 +161,7 @@ async def _answer(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _events(group, choices, first, response_format, include_usage),
+            _events(body, group, choices, first, response_format, include_usage),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -178,50 +172,51 @@ async def _answer(
                 choices[group.choice_of[output.request_id]].absorb(output)
             if group.finished:
                 break
-            output = await group.next(timeout=DISCONNECT_POLL_SECONDS)
-            if output is None:
-                if await request.is_disconnected():
-                    return Response(status_code=499)
-                pending = []
-            else:
-                pending = [output]
+            pending = await group.next_outputs(timeout=DISCONNECT_POLL_SECONDS)
+            if not pending and await request.is_disconnected():
+                return Response(status_code=499)
     finally:
         group.close()
     failed = [choice for choice in choices if choice.finish_reason == "error"]
     if failed:
-        raise ApiError(500, f"generation failed: {failed[0].error or 'unknown error'}", code="engine_error")
+        raise _failure(body, failed[0].error)
     return JSONResponse(response_format.response(choices))
 
 
 async def _events(
+    body: ChatCompletionRequest | CompletionRequest,
     group: RequestGroup,
     choices: list[Choice],
     first: list,
     response_format: ChatFormat,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """SSE events: opening chunks, one chunk per text delta, a closing chunk per choice, usage, [DONE]."""
+    """SSE events: opening chunks, one chunk per text delta, a closing chunk per choice, usage, [DONE].
+
+    Everything the engine produced since the last wake-up goes out as one write.
+    """
     try:
-        for chunk in response_format.opening_chunks(choices, include_usage):
-            yield _sse(chunk)
+        parts = [sse_event(chunk) for chunk in response_format.opening_chunks(choices, include_usage)]
         pending = first
         while True:
             for output in pending:
                 choice = choices[group.choice_of[output.request_id]]
                 text, entries = choice.absorb(output)
-                for chunk in response_format.delta_chunks(choice, text, entries, include_usage):
-                    yield _sse(chunk)
+                parts.append(response_format.delta_events(choice, text, entries, include_usage))
                 if output.finish_reason == "error":
-                    message = f"generation failed: {output.error or 'unknown error'}"
-                    yield _sse(error_body(message, "server_error", None, "engine_error"))
+                    parts.append(sse_event(_failure(body, output.error).body()))
                 elif output.finished:
                     for chunk in response_format.closing_chunks(choice, include_usage):
-                        yield _sse(chunk)
+                        parts.append(sse_event(chunk))
             if group.finished:
                 break
-            pending = [await group.next()]
+            if parts:
+                yield "".join(parts)
+                parts = []
+            pending = await group.next_outputs()
         if include_usage:
-            yield _sse(response_format.usage_chunk(choices))
-        yield _sse("[DONE]")
+            parts.append(sse_event(response_format.usage_chunk(choices)))
+        parts.append(sse_event("[DONE]"))
+        yield "".join(parts)
     finally:
         group.close()

@@ -6,10 +6,21 @@ and send what it builds, so the JSON layout lives here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 from ember.server.generation import Choice, LogprobEntry, usage
+
+
+def sse_event(payload: dict[str, Any] | str) -> str:
+    """One server-sent event: `data: <compact JSON>` and a blank line."""
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    )
+    return f"data: {data}\n\n"
 
 
 class ChatFormat:
@@ -22,6 +33,25 @@ class ChatFormat:
         self.model = model
         self.created = int(time.time())
         self.plan = plan
+        # The chunk's constant opening, up to the choice's index: rendered once, not per token.
+        self._head = sse_event(self._chunk([], False))[: -len("]}\n\n")] + '{"index":'
+
+    def text_event(self, index: int, text: str, include_usage: bool) -> str:
+        """The event of a plain text delta, as `sse_event(chunk)` renders it, built from strings."""
+        tail = ',"usage":null}' if include_usage else "}"
+        return f"{self._head}{index},{self._text_field(json.dumps(text, ensure_ascii=False))}]{tail}\n\n"
+
+    @staticmethod
+    def _text_field(text_json: str) -> str:
+        return f'"delta":{{"content":{text_json}}},"logprobs":null,"finish_reason":null}}'
+
+    def delta_events(
+        self, choice: Choice, text: str, entries: list[LogprobEntry], include_usage: bool
+    ) -> str:
+        """The events of one output's delta (none when it adds nothing)."""
+        if not entries and choice.stream_parser is None:
+            return self.text_event(choice.index, text, include_usage) if text else ""
+        return "".join(sse_event(chunk) for chunk in self.delta_chunks(choice, text, entries, include_usage))
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
         chunk = {
@@ -144,6 +174,10 @@ class CompletionFormat(ChatFormat):
     def __init__(self, response_id: str, model: str, plan: Any, echo_text: str | None):
         super().__init__(response_id, model, plan)
         self.echo_text = echo_text
+
+    @staticmethod
+    def _text_field(text_json: str) -> str:
+        return f'"text":{text_json},"logprobs":null,"finish_reason":null}}'
 
     def _choice(self, index: int, text: str, logprobs: Any, finish_reason: str | None) -> dict[str, Any]:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
