@@ -19,68 +19,13 @@ without a native kernel) keeps the per-layer loop.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any
 
 import torch
 
-# C++ compiled into the operator library (appended to `native_ops.SOURCE`), so it calls the fused operators
-# directly.
-LAYERS_SOURCE = r"""
-namespace {
-
-typedef void (*MatmulKernel)(const float* x, int64_t rows, int64_t columns, const void* weight,
-                             int64_t out_features, float* y, int nthreads);
-
-struct NativeLinear {
-    int64_t kernel, weight, in_features, out_features;
-};
-
-struct DecodeLayer {  // addresses as int64, filled once per model from Python
-    int64_t input_norm, post_attention_norm;
-    NativeLinear qkv, o, gate_up, down;
-};
-static_assert(sizeof(DecodeLayer) == 18 * sizeof(int64_t), "DecodeLayer is 18 int64 values");
-
-struct DecodeBuffers {  // per step, each (batch, its width) float32
-    float *hidden, *normed, *qkv, *projected, *gate_up, *activation, *delta;
-};
-static_assert(sizeof(DecodeBuffers) == 7 * sizeof(int64_t), "DecodeBuffers is 7 addresses");
-
-inline void project(const NativeLinear& linear, const float* x, int64_t rows, float* y, int nthreads) {
-    const MatmulKernel kernel = (MatmulKernel)linear.kernel;
-    kernel(x, rows, linear.in_features, (const void*)linear.weight, linear.out_features, y, nthreads);
-}
-
-}  // namespace
-
-// All layers of one decode step: buffers->hidden (batch, hidden) is the residual stream, updated in place;
-// buffers->normed ends as the final RMS norm of it, ready for the output layer. caches: (layers, 2)
-// addresses of each layer's key and value cache; attention: the step's DecodeArguments (its out is the
-// attention output buffer).
-extern "C" void ember_decode_layers(const DecodeLayer* layers, int64_t num_layers, const int64_t* caches,
-                                    const DecodeArguments* attention, const DecodeBuffers* buffers,
-                                    int64_t hidden_size, int64_t intermediate_size, float eps,
-                                    const float* final_norm, int nthreads) {
-    const int64_t rows = attention->batch;
-    const float* delta = nullptr;  // the previous layer's MLP output, added to the residual stream
-    for (int64_t index = 0; index < num_layers; index++) {
-        const DecodeLayer& layer = layers[index];
-        ember_add_rms_norm(buffers->hidden, delta, (const float*)layer.input_norm, rows, hidden_size, eps,
-                           buffers->normed);
-        project(layer.qkv, buffers->normed, rows, buffers->qkv, nthreads);
-        ember_decode_attention(attention, buffers->qkv, (float*)caches[2 * index],
-                               (float*)caches[2 * index + 1]);
-        project(layer.o, attention->out, rows, buffers->projected, nthreads);
-        ember_add_rms_norm(buffers->hidden, buffers->projected, (const float*)layer.post_attention_norm, rows,
-                           hidden_size, eps, buffers->normed);
-        project(layer.gate_up, buffers->normed, rows, buffers->gate_up, nthreads);
-        ember_silu_mul(buffers->gate_up, rows, intermediate_size, buffers->activation);
-        project(layer.down, buffers->activation, rows, buffers->delta, nthreads);
-        delta = buffers->delta;
-    }
-    ember_add_rms_norm(buffers->hidden, delta, final_norm, rows, hidden_size, eps, buffers->normed);
-}
-"""
+# C++ compiled into the operator library after `native_ops.cpp`, so it calls the fused operators directly.
+LAYERS_SOURCE_FILE = Path(__file__).with_name("native_decode.cpp")
 
 
 def declare(library: ctypes.CDLL) -> None:
@@ -196,13 +141,12 @@ class NativeDecodeLayers:
         return normed
 
     def _caches(self, kv_cache: Any) -> torch.Tensor:
-        """(layers, 2) int64 addresses of the key and value caches, remade when the cache reallocates."""
+        """(layers, 2) int64 addresses of the key and value pools, remade for another cache."""
         if kv_cache.layout_version != self._layout_version:
-            if len(kv_cache.keys) != self._table.shape[0]:
-                raise ValueError(f"a cache of {len(kv_cache.keys)} layers for {self._table.shape[0]} layers")
-            addresses = [
-                [keys.data_ptr(), values.data_ptr()] for keys, values in zip(kv_cache.keys, kv_cache.values)
-            ]
+            pools = list(zip(kv_cache.key_pools, kv_cache.value_pools))
+            if len(pools) != self._table.shape[0]:
+                raise ValueError(f"a cache of {len(pools)} layers for {self._table.shape[0]} layers")
+            addresses = [[keys.data_ptr(), values.data_ptr()] for keys, values in pools]
             self._cache_addresses = torch.tensor(addresses, dtype=torch.int64)
             self._layout_version = kv_cache.layout_version
         return self._cache_addresses

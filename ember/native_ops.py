@@ -6,7 +6,7 @@ under a microsecond of arithmetic. Three native operators replace them:
 
 - `add_rms_norm`: the residual add and the next RMS norm in one pass;
 - `DecodeAttention`: rotary embedding of q and k, the K/V cache store at
-  each sequence's slot and position, and single-query grouped-query attention
+  each sequence's position in its cache blocks, and single-query grouped-query attention
   over that sequence's cached keys (causal, optional sliding window), one
   OpenMP task per (sequence, kv head) once a step has enough keys to pay;
 - `silu_mul`: the MLP gating silu(gate) * up on the fused gate/up output.
@@ -21,314 +21,15 @@ and the model keeps its PyTorch path.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ember import native_decode
 from ember.native_build import NativeLibrary
 
-SOURCE = r"""
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-namespace {
-
-#if defined(__AVX512F__)
-// exp(x) for 16 floats within ~1 ulp (Cephes' expf polynomial); 0 below -104, clamped above 88.7.
-inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);  // p * 2^n, underflowing to 0 as exp does
-}
-#endif
-
-// x[i] = exp(x[i] - shift); returns the sum of the results.
-inline float exp_shifted(float* x, int64_t n, float shift) {
-    int64_t i = 0;
-    float sum = 0.0f;
-#if defined(__AVX512F__)
-    __m512 total = _mm512_setzero_ps();
-    const __m512 s = _mm512_set1_ps(shift);
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), s));
-        _mm512_storeu_ps(x + i, e);
-        total = _mm512_add_ps(total, e);
-    }
-    sum = _mm512_reduce_add_ps(total);
-#endif
-    for (; i < n; i++) {
-        x[i] = std::exp(x[i] - shift);
-        sum += x[i];
-    }
-    return sum;
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-// Pairs (2i, 2i+1) of x rotated by (cos, sin) pair i of rotation, into out (out may be x).
-inline void rotate_pairs(const float* x, const float* rotation, int64_t dim, float* out) {
-    for (int64_t i = 0; i < dim / 2; i++) {
-        const float x0 = x[2 * i], x1 = x[2 * i + 1], c = rotation[2 * i], s = rotation[2 * i + 1];
-        out[2 * i] = x0 * c - x1 * s;
-        out[2 * i + 1] = x0 * s + x1 * c;
-    }
-}
-
-// The largest of n floats.
-inline float maximum_of(const float* x, int64_t n) {
-    float maximum = -INFINITY;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 maxima = _mm512_set1_ps(-INFINITY);
-    for (; i + 16 <= n; i += 16) maxima = _mm512_max_ps(maxima, _mm512_loadu_ps(x + i));
-    maximum = _mm512_reduce_max_ps(maxima);
-#endif
-    for (; i < n; i++) maximum = x[i] > maximum ? x[i] : maximum;
-    return maximum;
-}
-
-// scores (group, length) -> softmax of each row, in place.
-inline void softmax_rows(float* scores, int64_t group, int64_t length) {
-    for (int64_t g = 0; g < group; g++) {
-        float* score = scores + g * length;
-        const float inverse_sum = 1.0f / exp_shifted(score, length, maximum_of(score, length));
-#pragma omp simd
-        for (int64_t j = 0; j < length; j++) score[j] *= inverse_sum;
-    }
-}
-
-// Softmax attention of `group` queries (rotated, scaled) over `length` keys and values (length, dim):
-// out (group, dim). scores is scratch of group * length floats.
-void attend_generic(const float* query, const float* keys, const float* values, int64_t length,
-                    int64_t group, int64_t dim, float* scores, float* out) {
-    for (int64_t j = 0; j < length; j++)
-        for (int64_t g = 0; g < group; g++)
-            scores[g * length + j] = dot(query + g * dim, keys + j * dim, dim);
-    softmax_rows(scores, group, length);
-    std::memset(out, 0, group * dim * sizeof(float));
-    for (int64_t j = 0; j < length; j++) {
-        const float* value = values + j * dim;
-        for (int64_t g = 0; g < group; g++) {
-            const float weight = scores[g * length + j];
-            float* o = out + g * dim;
-#pragma omp simd
-            for (int64_t i = 0; i < dim; i++) o[i] += weight * value[i];
-        }
-    }
-}
-
-#if defined(__AVX512F__)
-// Lane (4k + m) of the result is the sum of the 16 lanes of v[4m + k]: four rounds of pairing vectors,
-// 45 instructions for 16 sums where 16 separate reductions take about 130.
-inline __m512 lane_sums(const __m512 v[16]) {
-    __m512 halves[8], quarters[4], eighths[2];
-    for (int i = 0; i < 8; i++)  // 256-bit halves: [v(2i) 8 partial sums | v(2i+1) 8 partial sums]
-        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                                  _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; i++)  // 128-bit quarters: 4 vectors of 4 partial sums each
-        quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
-                                    _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++)  // pairs within each quarter
-        eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0x44),
-                                   _mm512_shuffle_ps(quarters[2 * i], quarters[2 * i + 1], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
-                         _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
-}
-
-template <int D>
-inline __m512 dot_lanes(const __m512 q[D], const float* key) {
-    __m512 product = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
-    for (int v = 1; v < D; v++) product = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(key + 16 * v), product);
-    return product;
-}
-
-// attend_generic for dim = 16 * D: queries and accumulators in registers, the dot products of 16 keys
-// reduced together, each block of 16 keys serving every query head of the group while it is in L1.
-template <int D>
-void attend_avx512(const float* query, const float* keys, const float* values, int64_t length,
-                   int64_t group, float* scores, float* out) {
-    constexpr int64_t dim = 16 * D;
-    constexpr int64_t kBlock = 16;
-    int64_t j = 0;
-    for (; j + kBlock <= length; j += kBlock) {
-        for (int64_t g = 0; g < group; g++) {
-            __m512 q[D], products[kBlock];
-            for (int v = 0; v < D; v++) q[v] = _mm512_loadu_ps(query + g * dim + 16 * v);
-            for (int i = 0; i < kBlock; i++)  // key order 4 (i % 4) + i / 4: the order lane_sums undoes
-                products[i] = dot_lanes<D>(q, keys + (j + 4 * (i % 4) + i / 4) * dim);
-            _mm512_storeu_ps(scores + g * length + j, lane_sums(products));
-        }
-    }
-    for (; j < length; j++) {
-        for (int64_t g = 0; g < group; g++) {
-            __m512 q[D];
-            for (int v = 0; v < D; v++) q[v] = _mm512_loadu_ps(query + g * dim + 16 * v);
-            scores[g * length + j] = _mm512_reduce_add_ps(dot_lanes<D>(q, keys + j * dim));
-        }
-    }
-    softmax_rows(scores, group, length);
-    for (int64_t g = 0; g < group; g++) {
-        const float* weights = scores + g * length;
-        __m512 accumulator[2][D];  // even and odd keys: two dependency chains
-        for (int v = 0; v < D; v++) accumulator[0][v] = accumulator[1][v] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < length; k += 2) {
-            for (int e = 0; e < 2 && k + e < length; e++) {
-                const __m512 weight = _mm512_set1_ps(weights[k + e]);
-                const float* value = values + (k + e) * dim;
-                for (int v = 0; v < D; v++) {
-                    const __m512 row = _mm512_loadu_ps(value + 16 * v);
-                    accumulator[e][v] = _mm512_fmadd_ps(weight, row, accumulator[e][v]);
-                }
-            }
-        }
-        for (int v = 0; v < D; v++)
-            _mm512_storeu_ps(out + g * dim + 16 * v, _mm512_add_ps(accumulator[0][v], accumulator[1][v]));
-    }
-}
-#endif
-
-void attend(const float* query, const float* keys, const float* values, int64_t length, int64_t group,
-            int64_t dim, float* scores, float* out) {
-#if defined(__AVX512F__)
-    switch (dim) {
-        case 32: return attend_avx512<2>(query, keys, values, length, group, scores, out);
-        case 64: return attend_avx512<4>(query, keys, values, length, group, scores, out);
-        case 80: return attend_avx512<5>(query, keys, values, length, group, scores, out);
-        case 96: return attend_avx512<6>(query, keys, values, length, group, scores, out);
-        case 128: return attend_avx512<8>(query, keys, values, length, group, scores, out);
-        default: break;
-    }
-#endif
-    attend_generic(query, keys, values, length, group, dim, scores, out);
-}
-
-// The arguments one forward call's layers share, packed by `DecodeAttention` as 12 int64 values.
-struct DecodeArguments {
-    const float* rotations;  // (batch, dim / 2, 2): cos and sin of each pair's angle at the position
-    const int64_t* slots;  // (batch,)
-    const int64_t* positions;  // (batch,)
-    float* out;  // (batch, heads * dim)
-    int64_t batch, heads, kv_heads, dim, capacity, window, nthreads, parallel_min_keys;
-};
-static_assert(sizeof(DecodeArguments) == 12 * sizeof(int64_t), "DecodeArguments is 12 int64 values");
-
-struct DecodeStep {
-    const DecodeArguments& arguments;
-    const float* qkv;
-    float* key_cache;
-    float* value_cache;
-};
-
-// Sequence b, kv head h: rotate and store its key, store its value, attend its query heads.
-void decode_task(const DecodeStep& step, int64_t b, int64_t h) {
-    const DecodeArguments& arguments = step.arguments;
-    const int64_t dim = arguments.dim, heads = arguments.heads, kv_heads = arguments.kv_heads;
-    const int64_t group = heads / kv_heads, row = (heads + 2 * kv_heads) * dim;
-    const int64_t position = arguments.positions[b], window = arguments.window;
-    const float* qkv = step.qkv + b * row;
-    const float* rotation = arguments.rotations + b * dim;
-    const int64_t cache_offset = (arguments.slots[b] * kv_heads + h) * arguments.capacity * dim;
-    float* keys = step.key_cache + cache_offset;
-    float* values = step.value_cache + cache_offset;
-    rotate_pairs(qkv + (heads + h) * dim, rotation, dim, keys + position * dim);
-    std::memcpy(values + position * dim, qkv + (heads + kv_heads + h) * dim, dim * sizeof(float));
-
-    const int64_t first = window > 0 && position - window + 1 > 0 ? position - window + 1 : 0;
-    const int64_t length = position + 1 - first;
-    const float scale = 1.0f / std::sqrt((float)dim);
-    thread_local std::vector<float> scratch;  // grows to the longest sequence once, then no allocations
-    if ((int64_t)scratch.size() < group * (dim + length)) scratch.resize(group * (dim + length));
-    float* query = scratch.data();  // (group, dim)
-    float* scores = query + group * dim;  // (group, length)
-    for (int64_t g = 0; g < group; g++) {
-        float* q = query + g * dim;
-        rotate_pairs(qkv + (h * group + g) * dim, rotation, dim, q);
-        for (int64_t i = 0; i < dim; i++) q[i] *= scale;
-    }
-    attend(query, keys + first * dim, values + first * dim, length, group, dim, scores,
-           arguments.out + (b * heads + h * group) * dim);
-}
-
-}  // namespace
-
-extern "C" int ember_ops_abi_version() { return 1; }
-
-// hidden (rows, dim) += delta (when not null); out (rows, dim) = rms_norm(hidden) * weight.
-extern "C" void ember_add_rms_norm(float* hidden, const float* delta, const float* weight, int64_t rows,
-                                   int64_t dim, float eps, float* out) {
-    for (int64_t r = 0; r < rows; r++) {
-        float* h = hidden + r * dim;
-        if (delta != nullptr) {
-            const float* d = delta + r * dim;
-#pragma omp simd
-            for (int64_t i = 0; i < dim; i++) h[i] += d[i];
-        }
-        const float inverse = 1.0f / std::sqrt(dot(h, h, dim) / (float)dim + eps);
-        float* o = out + r * dim;
-#pragma omp simd
-        for (int64_t i = 0; i < dim; i++) o[i] = h[i] * inverse * weight[i];
-    }
-}
-
-// gate_up (rows, 2 * inner) -> out (rows, inner) = silu(gate) * up.
-extern "C" void ember_silu_mul(const float* gate_up, int64_t rows, int64_t inner, float* out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float* gate = gate_up + r * 2 * inner;
-        const float* up = gate + inner;
-        float* o = out + r * inner;
-        int64_t i = 0;
-#if defined(__AVX512F__)
-        const __m512 one = _mm512_set1_ps(1.0f);
-        for (; i + 16 <= inner; i += 16) {
-            const __m512 g = _mm512_loadu_ps(gate + i);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
-        }
-#endif
-        for (; i < inner; i++) o[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    }
-}
-
-// One decode step of attention for `batch` sequences, each adding one token, in one layer:
-//   qkv (batch, (heads + 2 * kv_heads) * dim): q and k in the pairwise rotary layout, then v
-//   key_cache, value_cache (slots, kv_heads, capacity, dim): k and v are stored at [slot, h, position]
-//   arguments->out (batch, heads * dim): softmax(q k^T / sqrt(dim)) v over keys max(0, p - window + 1) .. p
-// Query head h reads kv head h / (heads / kv_heads). Slots must differ between sequences.
-extern "C" void ember_decode_attention(const DecodeArguments* arguments, const float* qkv, float* key_cache,
-                                       float* value_cache) {
-    const DecodeStep step{*arguments, qkv, key_cache, value_cache};
-    const int64_t kv_heads = arguments->kv_heads, tasks = arguments->batch * kv_heads;
-    int64_t total_keys = 0;
-    for (int64_t b = 0; b < arguments->batch; b++) total_keys += arguments->positions[b] + 1;
-    if (arguments->nthreads > 1 && tasks > 1 && total_keys * kv_heads >= arguments->parallel_min_keys) {
-#pragma omp parallel for num_threads(arguments->nthreads) schedule(static)
-        for (int64_t task = 0; task < tasks; task++) decode_task(step, task / kv_heads, task % kv_heads);
-    } else {  // no OpenMP region at all: even an inactive one costs about a microsecond
-        for (int64_t task = 0; task < tasks; task++) decode_task(step, task / kv_heads, task % kv_heads);
-    }
-}
-"""
+SOURCE_FILE = Path(__file__).with_name("native_ops.cpp")
 
 # Keys times kv heads below which decode attention stays on one thread: measured on 2 Zen 5 cores, an
 # OpenMP region costs a few microseconds, about what ~500 keys of 64 dimensions take.
@@ -347,7 +48,9 @@ def _declare(library: ctypes.CDLL) -> None:
     native_decode.declare(library)
 
 
-LIBRARY = NativeLibrary("ember_ops", SOURCE + native_decode.LAYERS_SOURCE, (), _declare)
+LIBRARY = NativeLibrary(
+    "ember_ops", SOURCE_FILE.read_text() + native_decode.LAYERS_SOURCE_FILE.read_text(), (), _declare
+)
 
 
 def load() -> ctypes.CDLL | None:
@@ -394,36 +97,42 @@ class DecodeAttention:
     Built once per forward call with what its layers share; each layer then
     passes three addresses (a dozen fewer ctypes conversions per layer).
     rotations (batch, head_dim / 2, 2) hold cos and sin at each sequence's
-    position; slots and positions are (batch,) int64; the caches are shaped
-    `cache_shape` (slots, kv_heads, capacity, head_dim).
+    position; block_table (batch, width) int64 names the cache blocks of each
+    sequence (`KVCache.block_table`), positions (batch,) int64; the pools are
+    the cache's (blocks, block_size, kv_heads, head_dim) tensors.
     """
 
     def __init__(
         self,
         library: ctypes.CDLL,
         rotations: torch.Tensor,
-        slots: torch.Tensor,
+        block_table: torch.Tensor,
         positions: torch.Tensor,
         num_heads: int,
-        cache_shape: torch.Size,
+        kv_cache: Any,
         sliding_window: int | None,
     ):
-        _, num_kv_heads, capacity, head_dim = cache_shape
-        rotations, slots, positions = rotations.contiguous(), slots.contiguous(), positions.contiguous()
-        batch_size = slots.shape[0]
+        rotations, block_table, positions = (
+            rotations.contiguous(),
+            block_table.contiguous(),
+            positions.contiguous(),
+        )
+        batch_size, table_width = block_table.shape
+        head_dim = kv_cache.head_dim
         self.out = torch.empty(batch_size, num_heads * head_dim)  # (batch, heads * head_dim)
-        self._tensors = (rotations, slots, positions)  # kept alive: the library holds their addresses
+        self._tensors = (rotations, block_table, positions)  # kept alive: the library holds their addresses
         self._arguments = torch.tensor(
             [
                 rotations.data_ptr(),
-                slots.data_ptr(),
+                block_table.data_ptr(),
                 positions.data_ptr(),
                 self.out.data_ptr(),
                 batch_size,
                 num_heads,
-                num_kv_heads,
+                kv_cache.num_kv_heads,
                 head_dim,
-                capacity,
+                kv_cache.block_size,
+                table_width,
                 sliding_window or 0,
                 torch.get_num_threads(),
                 PARALLEL_MIN_KEYS,
@@ -433,10 +142,10 @@ class DecodeAttention:
         self.address = self._arguments.data_ptr()  # of the C struct, for `native_decode`
         self._function = library.ember_decode_attention
 
-    def __call__(self, qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+    def __call__(self, qkv: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor) -> torch.Tensor:
         """qkv (batch, (heads + 2 * kv_heads) * head_dim) -> out (batch, heads * head_dim), caches updated.
 
         q and k are in the pairwise rotary layout (`ops.interleave_rope_rows`).
         """
-        self._function(self.address, qkv.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr())
+        self._function(self.address, qkv.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr())
         return self.out

@@ -75,7 +75,7 @@ def prefill_then_decode_logits(handle: ember.ModelHandle, token_ids: list[int], 
     cache = handle.engine.kv_cache
     entry = cache.acquire()
     try:
-        cache.ensure_capacity(len(token_ids))
+        cache.reserve(entry, len(token_ids))
         batch = ForwardBatch(torch.tensor([token_ids[:prefill]]), [0], [entry.slot], all_logits=True)
         rows = [handle.model.forward(batch, cache)[0]]
         for position in range(prefill, len(token_ids)):
@@ -93,7 +93,8 @@ def batched_logits(handle: ember.ModelHandle, first: list[int], second: list[int
     entries = [cache.acquire(), cache.acquire()]
     slots = [entry.slot for entry in entries]
     try:
-        cache.ensure_capacity(max(len(first), len(second)) + 1)
+        for entry, tokens in zip(entries, (first, second)):
+            cache.reserve(entry, len(tokens) + 1)
         batch = ForwardBatch(torch.tensor([first[:prefill], second[:prefill]]), [0, 0], slots)
         logits = handle.model.forward(batch, cache)[:, -1]  # (2, vocab)
         rows = [[logits[0]], [logits[1]]]

@@ -99,11 +99,11 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny):
 def test_lru_eviction_under_budget_and_transparent_rebuild(tmp_path):
     folder = make_tiny_hf_model(tmp_path, "llama", 2, max_position_embeddings=256)
     bytes_per_token = 2 * 2 * 2 * 16 * 4  # k+v, layers, kv heads, head_dim, float32
-    handle = ember.load(folder, cache_memory_mib=1)  # 1 MiB: 8 slots of 256 tokens
+    handle = ember.load(folder, cache_memory_mib=1)  # 1 MiB: 32 blocks of 64 tokens
     cache = handle.engine.kv_cache
     assert cache.bytes_per_token == bytes_per_token
     entries = [CacheEntry() for _ in range(12)]
-    prompts = [_prompt(30 + i, 20) for i in range(12)]
+    prompts = [_prompt(30 + i, 150) for i in range(12)]  # three blocks each: 36 blocks wanted
     for entry, prompt in zip(entries, prompts):
         _tokens(handle, prompt, entry=entry)
     assert cache.memory_bytes <= 1 << 20
@@ -115,11 +115,17 @@ def test_lru_eviction_under_budget_and_transparent_rebuild(tmp_path):
     assert reply == _tokens(handle, prompts[0])[0]
 
 
-def test_cache_grows_past_its_initial_capacity(tiny):
-    prompt = _prompt(40, 300)  # initial capacity is 256
+def test_a_long_prompt_takes_blocks_for_its_length_and_gives_them_back(tiny):
+    prompt = _prompt(40, 300)  # five blocks of 64
     cached = tiny.engine.kv_cache
     reply, _ = _tokens(tiny, prompt)
-    assert cached.capacity >= 300
+    entry = next(e for e in cached.entries_by_slot.values() if e.token_ids[:300] == prompt)  # kept, idle
+    assert not entry.pinned and len(entry.blocks) == -(-len(entry.token_ids) // 64)
+    held = {block for e in cached.entries_by_slot.values() for block in e.blocks}
+    assert cached.memory_bytes == len(held) * cached.bytes_per_block
+    own = len(entry.blocks)
+    cached.release(entry)
+    assert cached.memory_bytes == (len(held) - own) * cached.bytes_per_block
     assert torch.equal(tiny.logits(prompt)[-1].argmax(), torch.tensor(reply[0]))
 
 

@@ -197,16 +197,16 @@ def test_one_cache_entry_has_one_writer_and_request_ids_are_unique(tiny):
 
 def test_growth_past_the_budget_preempts_instead_of_failing(tmp_path):
     folder = make_tiny_hf_model(tmp_path, "llama", 2, max_position_embeddings=2048)
-    handle = ember.load(folder, cache_memory_mib=1)  # exactly one full context (2048 tokens)
-    long_params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-    short_params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
-    long_prompt, short_prompt = _prompt(12, 1020), _prompt(13, 10)
+    handle = ember.load(folder, cache_memory_mib=1)  # exactly one full context: 32 blocks of 64 tokens
+    long_params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    short_params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)
+    long_prompt, short_prompt = _prompt(12, 1800), _prompt(13, 10)  # 32 blocks and 3 at their ends
     alone = [_run(handle, long_prompt, long_params)[0], _run(handle, short_prompt, short_params)[0]]
-    handle = ember.load(folder, cache_memory_mib=1)  # a fresh cache, at its initial capacity
+    handle = ember.load(folder, cache_memory_mib=1)  # a fresh cache
     requests = [GenerationRequest(long_prompt, long_params), GenerationRequest(short_prompt, short_params)]
     handle.engine.add_request(requests[0])
     first = handle.engine.step()
-    handle.engine.add_request(requests[1])  # admitted while the long one grows past 1024
+    handle.engine.add_request(requests[1])  # admitted while the long one still fits beside it
     outputs = _drain(handle.engine, requests)
     outputs[requests[0].request_id][:0] = first
     assert [_tokens(outputs[r.request_id]) for r in requests] == alone

@@ -25,7 +25,7 @@ def _prefill_then_decode_logits(handle: ember.ModelHandle, token_ids: list[int])
     cache = handle.engine.kv_cache
     entry = cache.acquire()
     try:
-        cache.ensure_capacity(len(token_ids))
+        cache.reserve(entry, len(token_ids))
         rows = []
         prefill = ForwardBatch(
             token_ids=torch.tensor([token_ids[:PREFILL]]),

@@ -67,7 +67,7 @@ def _cached_logits(handle: ember.ModelHandle, token_ids: list[int], decoded: int
     cache = handle.engine.kv_cache
     entry = cache.acquire()
     try:
-        cache.ensure_capacity(len(token_ids))
+        cache.reserve(entry, len(token_ids))
         prefill = len(token_ids) - decoded
         rows = [
             handle.model.forward(ForwardBatch(torch.tensor([token_ids[:prefill]]), [0], [entry.slot]), cache)[

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -73,30 +75,40 @@ def test_decode_attention_matches_rotate_store_and_attend(
     # threaded: every batch takes the OpenMP path; else the single-thread loop
     monkeypatch.setattr(native_ops, "PARALLEL_MIN_KEYS", 0 if threaded else 1 << 40)
     generator = torch.Generator().manual_seed(num_heads * 100 + head_dim)
-    slots, positions = [2, 0, 3], [5, 40, 17]  # a ragged batch in scattered slots
+    slots, positions = [2, 0, 3], [5, 40, 17]  # a ragged batch; in the reference, scattered slots
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = torch.randn(3, width, generator=generator)
     key_cache = torch.randn(4, num_kv_heads, 64, head_dim, generator=generator)  # stale past contents
     value_cache = torch.randn(4, num_kv_heads, 64, head_dim, generator=generator)
     inverse_frequencies, _ = ops.rope_inverse_frequencies(head_dim, 10000.0)
     rotations = ops.rope_rotations(inverse_frequencies, torch.tensor(positions).view(-1, 1))  # (3, 1, half)
+    # The same pasts in a paged pool of 16-position blocks, each sequence's blocks out of order
+    block_size, num_blocks = 16, 20
+    tables = torch.randperm(num_blocks - 1, generator=generator)[:12].view(3, 4) + 1  # (3 sequences, 4)
+    key_pool = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+    value_pool = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+    for row, slot in enumerate(slots):
+        for index, block in enumerate(tables[row].tolist()):
+            span = slice(index * block_size, (index + 1) * block_size)
+            key_pool[block] = key_cache[slot, :, span].transpose(0, 1)
+            value_pool[block] = value_cache[slot, :, span].transpose(0, 1)
     expected_keys, expected_values = key_cache.clone(), value_cache.clone()
     expected = _reference_decode_attention(
         qkv, rotations, expected_keys, expected_values, slots, positions, num_heads, window
     )
+    expected_key_pool, expected_value_pool = key_pool.clone(), value_pool.clone()
+    for row, (slot, position) in enumerate(zip(slots, positions)):
+        block, offset = tables[row, position // block_size], position % block_size
+        expected_key_pool[block, offset] = expected_keys[slot, :, position]
+        expected_value_pool[block, offset] = expected_values[slot, :, position]
+    layout = SimpleNamespace(num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
     attend = native_ops.DecodeAttention(
-        LIBRARY,
-        torch.view_as_real(rotations),
-        torch.tensor(slots),
-        torch.tensor(positions),
-        num_heads,
-        key_cache.shape,
-        window,
+        LIBRARY, torch.view_as_real(rotations), tables, torch.tensor(positions), num_heads, layout, window
     )
-    out = attend(qkv, key_cache, value_cache)
+    out = attend(qkv, key_pool, value_pool)
     assert out.shape == (3, num_heads * head_dim)
-    assert (key_cache - expected_keys).abs().max().item() < 1e-5  # rotated keys at their slot and position
-    assert torch.equal(value_cache, expected_values)  # values copied, everything else untouched
+    assert (key_pool - expected_key_pool).abs().max().item() < 1e-5  # rotated keys in their block and row
+    assert torch.equal(value_pool, expected_value_pool)  # values copied, everything else untouched
     assert expected.std() > 0.1
     assert (out - expected).abs().max().item() < 1e-5
 
@@ -112,7 +124,8 @@ def _decode_logits(handle: ember.ModelHandle, token_ids: list[int]) -> torch.Ten
     entries = [cache.acquire(), cache.acquire()]
     prompts = [token_ids, token_ids[3:]]  # different lengths: a ragged decode batch
     try:
-        cache.ensure_capacity(len(token_ids))
+        for entry in entries:
+            cache.reserve(entry, len(token_ids))
         for entry, prompt in zip(entries, prompts):
             prefill = ForwardBatch(torch.tensor([prompt[:-6]]), [0], [entry.slot])
             model.forward(prefill, cache)

@@ -346,8 +346,7 @@ class Engine:
                     outputs.append(self._fail(decoding.pop(), "the KV cache budget cannot hold this request"))
 
     def _decode(self, sequences: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
-        """One batched forward of each sequence's last token: the sequences by slot, logits (batch, vocab)."""
-        sequences = sorted(sequences, key=lambda s: s.cache_entry.slot)  # consecutive slots read as a view
+        """One batched forward of each sequence's last token: the sequences, logits (batch, vocab)."""
         batch = ForwardBatch(
             token_ids=torch.tensor([[s.output_token_ids[-1]] for s in sequences], device=self.model.device),
             start_positions=[len(s.cache_entry.token_ids) for s in sequences],
@@ -418,6 +417,9 @@ class Engine:
         entry = None
         try:
             entry = self.kv_cache.acquire(own_entry, prompt_token_ids=None if own_entry else prompt)
+            # What is kept first, then room for the rest: blocks the prompt rewrites are then its own.
+            reused = self.kv_cache.reusable_prefix(entry, prompt)
+            self.kv_cache.truncate(entry, reused)
             self.kv_cache.reserve(entry, len(prompt))
         except (CacheFullError, CacheEntryBusyError) as error:
             if entry is not None:
@@ -428,8 +430,6 @@ class Engine:
             outputs.append(self._fail(sequence, str(error)))
             return True
         sequence.cache_entry = entry
-        reused = self.kv_cache.reusable_prefix(entry, prompt)
-        self.kv_cache.truncate(entry, reused)
         if not sequence.output_token_ids:  # a readmitted (preempted) sequence keeps its first count
             sequence.num_cached_tokens = reused
         sequence.status = SequenceStatus.PREFILLING

@@ -227,7 +227,7 @@ class Gemma3Model:
         batch_size = batch.batch_size
         # (batch, hidden), a fresh tensor: the residual stream is updated in place below
         hidden = (self.embed_tokens(batch.token_ids).reshape(batch_size, -1) * self.embed_scale).contiguous()
-        slots = torch.tensor(batch.slots, dtype=torch.int64)  # (batch,)
+        block_table = kv_cache.block_table(batch.slots)  # (batch, blocks)
         positions = batch.positions.reshape(batch_size)  # (batch,) int64
         attend = {}  # (rotary kind, window) -> the step's attention for layers of that kind
         for layer in self.layers:
@@ -237,15 +237,15 @@ class Gemma3Model:
                 attend[kind] = native_ops.DecodeAttention(
                     library,
                     torch.view_as_real(rotations),  # (batch, 1, head_dim / 2, 2): cos, sin
-                    slots,
+                    block_table,
                     positions,
                     config.num_heads,
-                    kv_cache.keys[0].shape,
+                    kv_cache,
                     layer.sliding_window,
                 )
         normed, delta = torch.empty_like(hidden), torch.empty_like(hidden)  # (batch, hidden) each
         pending = None  # the previous layer's normed MLP output, not yet added to the residual stream
-        for layer, keys, values in zip(self.layers, kv_cache.keys, kv_cache.values):
+        for layer, keys, values in zip(self.layers, kv_cache.key_pools, kv_cache.value_pools):
             add_rms_norm(library, hidden, pending, layer.input_norm, eps, normed)
             attended = attend[(layer.rotary, layer.sliding_window)](layer.qkv_proj(normed), keys, values)
             add_rms_norm(library, layer.o_proj(attended), None, layer.post_attention_norm, eps, delta)

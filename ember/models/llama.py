@@ -201,15 +201,14 @@ class LlamaModel:
         # (batch, hidden), a fresh copy: the residual stream is updated in place below
         hidden = self.embed_tokens(batch.token_ids).reshape(batch_size, config.hidden_size).clone()
         rotations = torch.view_as_real(self._rope_rotations(batch))  # (batch, 1, head_dim/2, 2): cos, sin
-        slots = torch.tensor(batch.slots, dtype=torch.int64)  # (batch,)
         positions = batch.positions.reshape(batch_size)  # (batch,) int64
         attend = native_ops.DecodeAttention(
             library,
             rotations,
-            slots,
+            kv_cache.block_table(batch.slots),  # (batch, blocks)
             positions,
             config.num_heads,
-            kv_cache.keys[0].shape,
+            kv_cache,
             config.sliding_window,
         )
         if self.native_layers is not None and batch_size <= self.native_layers.max_rows:
@@ -219,7 +218,7 @@ class LlamaModel:
         normed = torch.empty_like(hidden)  # (batch, hidden)
         activation = torch.empty(batch_size, config.intermediate_size)  # (batch, intermediate)
         delta = None  # (batch, hidden): the previous layer's MLP output, added to the residual stream
-        for layer, keys, values in zip(self.layers, kv_cache.keys, kv_cache.values):
+        for layer, keys, values in zip(self.layers, kv_cache.key_pools, kv_cache.value_pools):
             add_rms_norm(library, hidden, delta, layer.input_norm, eps, normed)
             qkv = layer.qkv_proj(normed)  # (batch, (heads + 2 * kv_heads) * head_dim)
             attended = attend(qkv, keys, values)  # (batch, heads * head_dim); k and v stored in the cache
@@ -230,37 +229,45 @@ class LlamaModel:
         return self.lm_head(normed).view(batch_size, 1, -1)
 
     def static_decode(
-        self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_cache: KVCache
+        self, hidden: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_cache: KVCache
     ) -> torch.Tensor:
-        """One new token per sequence with every shape fixed by the batch size and the cache: logits (batch,
-        vocab) in float32. The same math as `forward`, written so that CUDA can capture it as a graph.
+        """One new token per sequence with every shape fixed by the batch size and the table width: logits
+        (batch, vocab) in float32. The same math as `forward`, written so that CUDA can capture it as a graph.
 
-        hidden (batch, hidden_size) holds the embedded new tokens, positions (batch,) and slots (batch,)
-        are device tensors, so nothing here reads a value back to the host. Attention runs over each
-        slot's whole capacity with a mask instead of the first `num_keys` keys. Rows may repeat (the
-        padding of a graph's batch): they then write the same keys to the same place.
+        hidden (batch, hidden_size) holds the embedded new tokens, positions (batch,) and block_table
+        (batch, width) are device tensors, so nothing here reads a value back to the host. Attention runs
+        over every position the table's blocks cover, under a mask, instead of the first `num_keys` keys.
+        Rows may repeat (the padding of a graph's batch): they then write the same keys to the same place.
         """
         config = self.config
-        batch_size = hidden.shape[0]
+        batch_size, width = block_table.shape
+        block_size = kv_cache.block_size
         rotations = ops.rope_rotations(self.inverse_frequencies, positions.view(batch_size, 1))
-        key_positions = torch.arange(kv_cache.capacity, device=hidden.device)  # (capacity,)
-        visible = key_positions <= positions.view(batch_size, 1)  # (batch, capacity)
+        key_positions = torch.arange(width * block_size, device=hidden.device)  # (keys,)
+        visible = key_positions <= positions.view(batch_size, 1)  # (batch, keys)
         if config.sliding_window is not None:
             visible &= key_positions > positions.view(batch_size, 1) - config.sliding_window
-        mask = visible.view(batch_size, 1, 1, -1)  # (batch, 1, 1, capacity)
+        mask = visible.view(batch_size, 1, 1, -1)  # (batch, 1, 1, keys)
+        # Pool rows: of the new tokens (batch,) and of every covered position (batch * keys,)
+        new_rows = block_table.gather(1, (positions // block_size).view(-1, 1)).view(-1) * block_size
+        new_rows = new_rows + positions % block_size
+        offsets = torch.arange(block_size, device=hidden.device)  # (block_size,)
+        all_rows = (block_table.unsqueeze(-1) * block_size + offsets).view(-1)  # (batch * keys,)
+        pool_shape = (-1, config.num_kv_heads, config.head_dim)
         num_rotated = config.num_heads + config.num_kv_heads
         hidden = hidden.view(batch_size, 1, config.hidden_size)
-        for layer, keys, values in zip(self.layers, kv_cache.keys, kv_cache.values):
+        for layer, key_pool, value_pool in zip(self.layers, kv_cache.key_pools, kv_cache.value_pools):
+            keys, values = key_pool.view(pool_shape), value_pool.view(pool_shape)  # (rows, kv_heads, dim)
             normed = ops.rms_norm(hidden, layer.input_norm, config.rms_norm_eps)
             qkv = layer.qkv_proj(normed).view(batch_size, 1, num_rotated + config.num_kv_heads, -1)
             rotated = ops.apply_rope_pairs(qkv[:, :, :num_rotated], rotations)  # (batch, 1, heads + kv, dim)
             query = rotated[:, :, : config.num_heads].transpose(1, 2)  # (batch, heads, 1, head_dim)
-            keys[slots, :, positions] = rotated[:, 0, config.num_heads :].to(keys.dtype)  # (batch, kv, dim)
-            values[slots, :, positions] = qkv[:, 0, num_rotated:].to(values.dtype)
+            keys[new_rows] = rotated[:, 0, config.num_heads :].to(keys.dtype)  # (batch, kv, dim)
+            values[new_rows] = qkv[:, 0, num_rotated:].to(values.dtype)
             attended = torch.nn.functional.scaled_dot_product_attention(
                 query.to(keys.dtype),
-                keys[slots],  # (batch, kv_heads, capacity, head_dim)
-                values[slots],
+                keys[all_rows].view(batch_size, -1, config.num_kv_heads, config.head_dim).transpose(1, 2),
+                values[all_rows].view(batch_size, -1, config.num_kv_heads, config.head_dim).transpose(1, 2),
                 attn_mask=mask,
                 enable_gqa=config.num_heads != config.num_kv_heads,
             )  # (batch, heads, 1, head_dim)
