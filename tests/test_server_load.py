@@ -125,7 +125,10 @@ def run_load(base_url: str, seconds: float) -> Tally:
 def test_32_clients_mixed_load_leaves_no_5xx_and_no_growth():
     # The KV cache keeps finished prompts for reuse until its budget is full, so resident memory
     # climbs to model + budget by design; a small budget and a warm-up reach that level first.
-    with running_server(model="smollm2", args=["--max-batch", "16", "--cache-memory", "128"]) as server:
+    # The budget always holds one sequence of full context, so the context is capped too
+    # (2,048 tokens of SmolLM2 are 90 MiB; its own 8,192 would make the budget 360 MiB).
+    args = ["--max-batch", "16", "--cache-memory", "128", "--ctx", "2048"]
+    with running_server(model="smollm2", args=args) as server:
         run_load(server.base_url, 8.0)
         time.sleep(2)
         before = resident_bytes(server.process.pid)
