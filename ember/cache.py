@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import mmap
 from dataclasses import dataclass, field
 
 import torch
 
 from ember.errors import EmberError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -107,6 +110,14 @@ class KVCache:
         self.max_blocks_per_sequence = -(-max_length // block_size)
         # The budget always admits one sequence of full context (plus the padding block).
         blocks_in_budget = memory_budget_bytes // self.bytes_per_block
+        if blocks_in_budget < self.max_blocks_per_sequence:
+            log.warning(
+                "a KV cache budget of %d MiB cannot hold one %d-token context: raised to %d MiB "
+                "(lower the context length to keep the smaller budget)",
+                memory_budget_bytes >> 20,
+                max_length,
+                (self.max_blocks_per_sequence * self.bytes_per_block) >> 20,
+            )
         self.num_blocks = max(blocks_in_budget, self.max_blocks_per_sequence) + 1
         self.memory_budget_bytes = (self.num_blocks - 1) * self.bytes_per_block
         self.key_pools, self.value_pools = self._new_pools()  # per layer: (blocks, block_size, kv_heads, dim)

@@ -121,7 +121,8 @@ class ModelHandle:
         if sampling:
             params = params.replace(**sampling)
         token_ids = self.encode(prompt) if isinstance(prompt, str) else prompt_token_ids(prompt)
-        constraint = self._constraint(json_schema, json, regex, grammar, choice)
+        budget = min(params.max_tokens, self.engine.context_length - len(token_ids))
+        constraint = self._constraint(json_schema, json, regex, grammar, choice, max_tokens=budget)
         return self.engine.generate(GenerationRequest(token_ids, params, constraint=constraint))
 
     def generate(self, prompt: str | list[int], **options: Any) -> Iterator[str]:
@@ -136,8 +137,10 @@ class ModelHandle:
         regex: str | None,
         grammar: str | None,
         choice: list[str] | None,
+        max_tokens: int | None = None,
     ) -> Any:
-        """A fresh constraint for one request, or None (llguidance is imported only when one is asked)."""
+        """A fresh constraint for one request, or None (llguidance is imported only when one is asked).
+        `max_tokens` lets JSON mode close its object in time."""
         if json_schema is None and not json_object and regex is None and grammar is None and choice is None:
             return None
         from ember.constraints import constraint_from_options
@@ -149,6 +152,7 @@ class ModelHandle:
             regex=regex,
             grammar=grammar,
             choice=choice,
+            max_tokens=max_tokens,
         )
 
     def logits(self, token_ids: Any) -> torch.Tensor:

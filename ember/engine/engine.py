@@ -112,7 +112,7 @@ class Engine:
         params.validate()
         sequence = Sequence(
             request,
-            Sampler(params, self.vocab_size, prompt),
+            None,  # made by the engine's thread (`_take_inbox`): see there
             StreamingDetokenizer(self.tokenizer, context_token_ids=prompt),
             extra_stop_strings=[] if params.ignore_eos else self.stop_token_texts,
         )
@@ -299,7 +299,18 @@ class Engine:
         for entry in forgotten:
             if not entry.pinned:
                 self.kv_cache.release(entry)
-        self.waiting.extend(incoming)
+        for sequence in incoming:
+            # Here, not in add_request: a thread that runs one torch operation keeps an OpenMP team of
+            # its own, and once teams outnumber the cores every parallel operation of the step waits
+            # for its workers to wake (half the decode speed with one other thread).
+            try:
+                sequence.sampler = Sampler(
+                    sequence.request.sampling_params, self.vocab_size, sequence.request.prompt_token_ids
+                )
+            except Exception as error:
+                outputs.append(self._fail(sequence, f"sampling failed: {error}"))
+                continue
+            self.waiting.append(sequence)
         if aborts:
             for sequence in [*self.waiting, *self.running]:
                 if sequence.request_id in aborts:

@@ -84,7 +84,7 @@ class Sequence:
     def __init__(
         self,
         request: GenerationRequest,
-        sampler: Sampler,
+        sampler: Sampler | None,  # None until the engine's thread makes it
         detokenizer: StreamingDetokenizer,
         extra_stop_strings: list[str] | None = None,
     ):

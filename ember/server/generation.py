@@ -173,7 +173,8 @@ async def start_choices(
     """Submit `body.n` requests with the same prompt (the engine shares its cached prefix)."""
     requests = []
     for index in range(body.n):
-        constraint = plan.new_constraint() if plan is not None and hasattr(plan, "new_constraint") else None
+        has_constraint = plan is not None and hasattr(plan, "new_constraint")
+        constraint = plan.new_constraint(max_tokens=max_tokens) if has_constraint else None
         requests.append(
             GenerationRequest(
                 list(prompt_token_ids),
