@@ -22,6 +22,7 @@ from ember.engine.sequence import GenerationRequest, StepOutput
 from ember.errors import ContextOverflowError, GenerationError, InvalidRequestError
 from ember.handle import ModelHandle
 from ember.sampling import SamplingParams
+from ember.session_state import exported_state, restore_saved_state
 from ember.sessions import Message, Session, SessionStore
 
 STORE_EVERY_SECONDS = 0.5  # how often a streaming reply's text is written to the store
@@ -336,7 +337,9 @@ class Chat:
             stop=[*params.stop, *turn_stops],
             banned_token_ids=[*params.banned_token_ids, *banned],
         )
-        request = GenerationRequest(token_ids, params, cache_entry=self.cache_entry)
+        entry = self.cache_entry
+        restore_saved_state(self.model, self.store, self.session_id, entry)  # RNN: after a restart
+        request = GenerationRequest(token_ids, params, cache_entry=entry)
         stream = ReplyStream(self, begin, request, dropped)
         self._reply = weakref.ref(stream)
         return stream
@@ -369,6 +372,7 @@ class Chat:
                 text,
                 token_count=previous + generated,
                 status="complete" if finished else "interrupted",
+                rnn_state=exported_state(self.model, request.cache_entry) if finished else None,
             )
             if final is not None:
                 self.last_turn = TurnStats(

@@ -90,13 +90,12 @@ def test_twenty_turns_feed_only_new_tokens(handle, tmp_path):
     assert chat.last_turn.prefilled_tokens <= len(handle.encode(message)) + 1
     counter.take()
 
-    # a restart: a new process (model, pool, chat) over the same store; the last state travels as bytes
-    saved = handle.engine.kv_cache.export_state(chat.cache_entry.token_ids)
-    assert saved is not None
+    # a restart: a new process (model, pool, chat) over the same store file, which holds the last state
     session_id = chat.session_id
     state_tokens = list(chat.cache_entry.token_ids)
+    store.close()
     restarted = ember.load(TINY_V7, device="cpu")
-    restarted.engine.kv_cache.import_state(saved)
+    assert not restarted.engine.kv_cache.snapshots
     resumed = Chat(restarted, SessionStore(tmp_path / "sessions.db"), session_id)
     restarted_counter = ForwardCounter(restarted)
     _reply(resumed.send("And after the restart?"))
@@ -109,3 +108,32 @@ def test_twenty_turns_feed_only_new_tokens(handle, tmp_path):
         restarted_counter.take()
         == resumed.last_turn.prefilled_tokens + resumed.last_turn.generated_tokens - 1
     )
+
+
+def test_a_foreign_or_stale_saved_state_is_ignored(handle, tmp_path):
+    """Another model file's state is never imported; a state whose tokens no longer start the prompt
+    (the conversation was undone elsewhere) is not used: the turn recomputes, with the right text."""
+    path = tmp_path / "sessions.db"
+    chat = Chat(handle, SessionStore(path), sampling_params=PARAMS)
+    _reply(chat.send("Hello there"))
+    _reply(chat.send("Tell me more"))
+    session_id = chat.session_id
+
+    other = ember.load(TINY_V7.with_name("tiny-rwkv-7v0-834K-FP16.bin"), device="cpu")
+    foreign = Chat(other, SessionStore(path), session_id)
+    _reply(foreign.send("Same shapes, other file"))
+    assert foreign.last_turn.reused_tokens == 0  # the FP32 file's state was not imported
+
+    # the FP16 turn replaced the FP32 state row; undo it, so the stored FP16 state is stale for FP32
+    # (its tokens end with the undone turn) and foreign to it anyway: FP32 recomputes from text.
+    SessionStore(path).undo(session_id)
+    fresh = ember.load(TINY_V7, device="cpu")
+    counter = ForwardCounter(fresh)
+    again = Chat(fresh, SessionStore(path), session_id)
+    text = _reply(again.send("Tell me more"))
+    assert again.last_turn.reused_tokens == 0
+    assert counter.take() == again.last_turn.prompt_tokens + again.last_turn.generated_tokens - 1
+    expected = Chat(ember.load(TINY_V7, device="cpu"), SessionStore(":memory:"), sampling_params=PARAMS)
+    _reply(expected.send("Hello there"))
+    _reply(expected.send("Tell me more"))
+    assert text == expected.history[-1].content  # greedy: the same answer as without any saved state

@@ -277,7 +277,7 @@ def test_version_1_file_is_migrated_with_all_data(tmp_path):
         store.append_message(session.id, "user", "still works", token_count=3)
 
     connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     assert connection.execute("SELECT count(*) FROM messages").fetchone()[0] == 4
     connection.close()
 
@@ -549,5 +549,5 @@ def test_version_3_file_gains_owners_and_its_sessions_belong_to_the_local_user(t
     with SessionStore(path) as store:  # opening again migrates nothing twice
         assert [s.title for s in store.list_sessions(owner="alice")] == ["over http"]
     connection = sqlite3.connect(path)
-    assert connection.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == 5
     connection.close()

@@ -61,7 +61,18 @@ _VERSION_4 = (
     "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, updated_at)",
 )
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_4)
+# Version 5: an RNN model's (RWKV) state after a session's last turn, a few MB, so a conversation
+# continued after a restart reads only its new message. One row per session; `model` names the
+# model file and weight form the state belongs to, so another model never restores it.
+_VERSION_5 = (
+    """CREATE TABLE rnn_states (
+        session_id TEXT PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        state BLOB NOT NULL
+    )""",
+)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_VERSION_1, _VERSION_2, _VERSION_3, _VERSION_4, _VERSION_5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -280,9 +280,18 @@ class SessionStore:
                 raise InvalidRequestError(f"message {message_id} is complete; call resume_reply first")
 
     def finish_reply(
-        self, message_id: str, content: str, token_count: int | None = None, status: str = "complete"
+        self,
+        message_id: str,
+        content: str,
+        token_count: int | None = None,
+        status: str = "complete",
+        rnn_state: tuple[str, bytes] | None = None,
     ) -> Message:
-        """Store the reply's final text and mark it 'complete' or 'interrupted' (stopped early)."""
+        """Store the reply's final text and mark it 'complete' or 'interrupted' (stopped early).
+
+        `rnn_state` (model key, bytes): the RNN state after this turn, kept in the same transaction
+        in place of the session's previous one.
+        """
         if status not in ("complete", "interrupted"):
             raise InvalidRequestError(f"a reply finishes as 'complete' or 'interrupted', not {status!r}")
         with self._transaction() as connection:
@@ -293,8 +302,21 @@ class SessionStore:
                 "UPDATE messages SET content = ?, token_count = ?, status = ? WHERE id = ?",
                 (content, token_count, status, message_id),
             )
+            if rnn_state is not None:
+                connection.execute(
+                    "INSERT OR REPLACE INTO rnn_states (session_id, model, state) VALUES (?, ?, ?)",
+                    (message.session_id, rnn_state[0], rnn_state[1]),
+                )
             queries.touch(connection, message.session_id)
             return queries.read_message(connection, message_id)
+
+    def rnn_state(self, session_id: str, model: str) -> bytes | None:
+        """The RNN state stored after the session's last turn, if it belongs to `model`."""
+        with self._transaction(write=False) as connection:
+            row = connection.execute(
+                "SELECT state FROM rnn_states WHERE session_id = ? AND model = ?", (session_id, model)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def resume_reply(self, message_id: str) -> Message:
         """/continue: reopen the head assistant message for streaming so the model can extend it."""
