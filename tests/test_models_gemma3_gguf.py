@@ -90,13 +90,16 @@ def test_dequantized_logits_match_transformers_past_the_window(exact, reference)
         expected = reference(torch.tensor([tokens]), logits_to_keep=DECODED + 1).logits[0]
     ours = _cached_logits(exact, tokens, DECODED)
     assert ours.shape == expected.shape
-    # Gemma's logits reach ~30; float32 sums over its 262,144-row output layer and 640-wide rows vary
-    # with the threads' split from run to run (2.2e-4 to 1.2e-3 measured), so the bound has that margin.
-    assert (ours - expected).abs().max().item() < 2e-3
-    # and every position of a prompt prefilled in one call
+    cached = (ours - expected).abs().max().item()
+    # and every position of the long prompt prefilled in one call
     with torch.no_grad():
-        expected = reference(torch.tensor([tokens[:80]])).logits[0]
-    assert (exact.logits(tokens[:80]) - expected).abs().max().item() < 1e-3
+        expected = reference(torch.tensor([tokens])).logits[0]
+    prefilled = (exact.logits(tokens) - expected).abs().max().item()
+    print(f"max |ember - transformers| float32: cached decode {cached:.2e}, prefill {prefilled:.2e}")
+    # The issue's bound. Both sides are deterministic (equal across runs and at 1 or 2 threads); measured
+    # 9.2e-5 cached and 2.2e-4 prefilled, where transformers float32 is itself 1.1e-4 from its float64
+    # result and ember 1.2e-4 (the logits reach 42).
+    assert cached < 1e-3 and prefilled < 1e-3
 
 
 @pytest.mark.slow
