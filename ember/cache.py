@@ -236,9 +236,10 @@ class KVCache:
             entry.pinned = was_pinned
 
     def fits(self, slots: list[int], key_lengths: list[int]) -> bool:
-        """Whether each sequence at `slots` owns blocks for its `key_lengths` keys, one sequence per slot:
-        what a step that indexes the pools through the block table (native code, a CUDA graph) must know."""
-        if len(set(slots)) != len(slots):
+        """Whether each row's sequence at `slots` owns blocks for its `key_lengths` keys: what a step that
+        indexes the pools through the block table (native code, a CUDA graph) must know. Rows may share
+        a slot at different lengths (a prompt's tokens riding in a decode step), never at the same one."""
+        if len(set(zip(slots, key_lengths))) != len(slots):
             return False
         for slot, length in zip(slots, key_lengths):
             entry = self.entries_by_slot.get(slot)

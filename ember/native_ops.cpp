@@ -230,31 +230,40 @@ struct DecodeStep {
     float* value_cache;
 };
 
-// Sequence b, kv head h: rotate and store its key, store its value, attend its query heads.
-void decode_task(const DecodeStep& step, int64_t b, int64_t h) {
+// Where position p of kv head h lives for row b: pools are (blocks, block_size, kv_heads, dim).
+inline int64_t pool_offset(const DecodeArguments& arguments, int64_t b, int64_t h, int64_t p) {
+    const int64_t* blocks = arguments.block_table + b * arguments.table_width;
+    const int64_t block_size = arguments.block_size;
+    return ((blocks[p / block_size] * block_size + p % block_size) * arguments.kv_heads + h) * arguments.dim;
+}
+
+// Row b, kv head h: rotate and store its key, store its value.
+void store_task(const DecodeStep& step, int64_t b, int64_t h) {
+    const DecodeArguments& arguments = step.arguments;
+    const int64_t dim = arguments.dim, heads = arguments.heads, kv_heads = arguments.kv_heads;
+    const float* qkv = step.qkv + b * (heads + 2 * kv_heads) * dim;
+    const int64_t own = pool_offset(arguments, b, h, arguments.positions[b]);
+    rotate_pairs(qkv + (heads + h) * dim, arguments.rotations + b * dim, dim, step.key_cache + own);
+    std::memcpy(step.value_cache + own, qkv + (heads + kv_heads + h) * dim, dim * sizeof(float));
+}
+
+// Row b, kv head h: attend its query heads over the keys up to its position (all stored by now, its
+// own and those of earlier rows of the same sequence: a prompt's tokens may ride in a decode step).
+void attend_task(const DecodeStep& step, int64_t b, int64_t h) {
     const DecodeArguments& arguments = step.arguments;
     const int64_t dim = arguments.dim, heads = arguments.heads, kv_heads = arguments.kv_heads;
     const int64_t group = heads / kv_heads, row = (heads + 2 * kv_heads) * dim;
     const int64_t position = arguments.positions[b], window = arguments.window;
     const int64_t block_size = arguments.block_size, stride = kv_heads * dim;
-    const int64_t* blocks = arguments.block_table + b * arguments.table_width;
     const float* qkv = step.qkv + b * row;
     const float* rotation = arguments.rotations + b * dim;
-    // Where position p of this kv head lives: pools are (blocks, block_size, kv_heads, dim).
-    auto offset_of = [&](int64_t p) {
-        return ((blocks[p / block_size] * block_size + p % block_size) * kv_heads + h) * dim;
-    };
-    const int64_t own = offset_of(position);
-    rotate_pairs(qkv + (heads + h) * dim, rotation, dim, step.key_cache + own);
-    std::memcpy(step.value_cache + own, qkv + (heads + kv_heads + h) * dim, dim * sizeof(float));
-
     const int64_t first = window > 0 && position - window + 1 > 0 ? position - window + 1 : 0;
     const int64_t length = position + 1 - first;
     thread_local std::vector<KeyRun> runs;  // the visible keys, one run per block they touch
     runs.clear();
     for (int64_t p = first; p <= position;) {
         const int64_t n = std::min(block_size - p % block_size, position + 1 - p);
-        const int64_t offset = offset_of(p);
+        const int64_t offset = pool_offset(arguments, b, h, p);
         runs.push_back({step.key_cache + offset, step.value_cache + offset, n});
         p += n;
     }
@@ -318,17 +327,25 @@ extern "C" void ember_silu_mul(const float* gate_up, int64_t rows, int64_t inner
 //   key_cache, value_cache (blocks, block_size, kv_heads, dim): position p of sequence b lives in block
 //     block_table[b, p / block_size] at row p % block_size; k and v of the new token are stored there
 //   arguments->out (batch, heads * dim): softmax(q k^T / sqrt(dim)) v over keys max(0, p - window + 1) .. p
-// Query head h reads kv head h / (heads / kv_heads). The blocks a step writes must not be shared.
+// Query head h reads kv head h / (heads / kv_heads). The blocks a step writes must not be shared with
+// other sequences; several rows may be one sequence at consecutive positions (a prompt's tokens).
 extern "C" void ember_decode_attention(const DecodeArguments* arguments, const float* qkv, float* key_cache,
                                        float* value_cache) {
     const DecodeStep step{*arguments, qkv, key_cache, value_cache};
     const int64_t kv_heads = arguments->kv_heads, tasks = arguments->batch * kv_heads;
     int64_t total_keys = 0;
     for (int64_t b = 0; b < arguments->batch; b++) total_keys += arguments->positions[b] + 1;
+    // Every row's key is stored before any row attends: rows of one sequence read each other's.
     if (arguments->nthreads > 1 && tasks > 1 && total_keys * kv_heads >= arguments->parallel_min_keys) {
-#pragma omp parallel for num_threads(arguments->nthreads) schedule(static)
-        for (int64_t task = 0; task < tasks; task++) decode_task(step, task / kv_heads, task % kv_heads);
+#pragma omp parallel num_threads(arguments->nthreads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < tasks; task++) store_task(step, task / kv_heads, task % kv_heads);
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < tasks; task++) attend_task(step, task / kv_heads, task % kv_heads);
+        }
     } else {  // no OpenMP region at all: even an inactive one costs about a microsecond
-        for (int64_t task = 0; task < tasks; task++) decode_task(step, task / kv_heads, task % kv_heads);
+        for (int64_t task = 0; task < tasks; task++) store_task(step, task / kv_heads, task % kv_heads);
+        for (int64_t task = 0; task < tasks; task++) attend_task(step, task / kv_heads, task % kv_heads);
     }
 }

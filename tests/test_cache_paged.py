@@ -42,11 +42,11 @@ def _check_block_accounting(cache: KVCache) -> None:
 
 def test_one_long_and_fifteen_short_sequences_fit_where_sixteen_medium_ones_would_not(tmp_path):
     folder = make_tiny_hf_model(tmp_path, "llama", 2, max_position_embeddings=8192)
-    handle = ember.load(folder, cache_memory_mib=6)  # 12,288 tokens of 512 bytes
+    handle = ember.load(folder, cache_memory_mib=8)  # 16,384 tokens of 512 bytes
     engine, cache = handle.engine, handle.engine.kv_cache
     assert 16 * 3000 * cache.bytes_per_token > cache.memory_budget_bytes  # sixteen of 3,000 exceed it
     assert engine.max_batch_size >= 16
-    params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)  # long enough to overlap
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)  # long enough to overlap
     requests = [GenerationRequest(_prompt(0, 6000), params)]
     requests += [GenerationRequest(_prompt(seed, 200), params) for seed in range(1, 16)]
     for request in requests:

@@ -79,7 +79,7 @@ def test_batches_the_path_cannot_take_are_left_to_forward(tiny):
     held = len(kv_cache.entries_by_slot[slot].blocks) * kv_cache.block_size
     beyond = ForwardBatch(torch.tensor([[5]]), [held], [slot])  # its key would lie past its blocks
     assert graphs(beyond, kv_cache) is None
-    duplicate = ForwardBatch(torch.tensor([[5], [6]]), [1, 2], [slot, slot])
+    duplicate = ForwardBatch(torch.tensor([[5], [6]]), [2, 2], [slot, slot])  # one position twice
     assert graphs(duplicate, kv_cache) is None
     prefill = ForwardBatch(torch.tensor([[5, 6]]), [0], [slot])
     assert graphs(prefill, kv_cache) is None

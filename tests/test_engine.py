@@ -195,3 +195,27 @@ def test_interleaved_generate_iterators_batch_together_and_match_single_runs(tin
     assert collected == alone
     assert largest_batch == 2  # the two requests decoded in the same steps
     assert not tiny.engine.has_unfinished() and not tiny.engine._sinks
+
+
+def test_the_prompt_budget_beside_running_streams_follows_the_measured_costs(tiny):
+    """While streams decode, a step reads about `interleaved_gap_ratio` decode steps' worth of prompt."""
+    engine = tiny.engine
+    engine._decode_seconds = engine._prefill_token_seconds = None
+    assert engine._interleaved_budget() == engine.interleaved_prefill_chunk  # nothing measured yet
+    engine._decode_seconds, engine._prefill_token_seconds = 0.010, 0.001  # a step, and a prompt token
+    assert engine._interleaved_budget() == 30  # 3 x 10 ms of prompt at 1 ms a token
+    engine._prefill_token_seconds = 0.1
+    assert engine._interleaved_budget() == 8  # never below a chunk worth a forward call
+    engine._prefill_token_seconds = 1e-6
+    assert engine._interleaved_budget() == engine.prefill_chunk_size  # nor above the plain chunk
+    # Measured for real: a prompt read beside a running stream updates both averages.
+    engine._decode_seconds = engine._prefill_token_seconds = None
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    running = GenerationRequest(_prompt(60, 10), params)
+    engine.add_request(running)
+    while not engine.running:
+        engine.step()
+    engine.add_request(GenerationRequest(_prompt(61, 100), GREEDY))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine._decode_seconds > 0 and engine._prefill_token_seconds > 0

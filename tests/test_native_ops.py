@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +18,12 @@ LIBRARY = native_ops.load()
 needs_library = pytest.mark.skipif(
     LIBRARY is None, reason=f"native operators unavailable: {native_ops.LIBRARY.failure_reason}"
 )
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or sys.platform != "linux", reason="no g++ on Linux here")
+def test_the_operator_library_builds_where_a_compiler_exists():
+    """A compile error must fail a test, not quietly move every model to the slow PyTorch path."""
+    assert LIBRARY is not None, native_ops.LIBRARY.failure_reason
 
 
 @needs_library

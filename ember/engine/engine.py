@@ -57,6 +57,7 @@ class Engine:
         max_batch_size: int = 16,
         prefill_chunk_size: int = 512,
         interleaved_prefill_chunk: int = 64,
+        interleaved_gap_ratio: float = 3.0,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -67,9 +68,15 @@ class Engine:
         # At most this many prompt tokens are read per step (and per forward call), so running
         # streams wait at most one chunk between their tokens.
         self.prefill_chunk_size = prefill_chunk_size
-        # While streams are decoding, a step reads at most this many prompt tokens: their next token
-        # waits for one small chunk (a few times a decode step), not for 512 tokens of somebody's prompt.
+        # While streams are decoding, a step reads a small chunk of prompt: their next token waits for
+        # it, not for 512 tokens of somebody's prompt. The chunk starts at `interleaved_prefill_chunk`
+        # and then follows the measured costs: prompt reading takes about `interleaved_gap_ratio`
+        # decode steps' time, so a stream's gaps stay within (1 + ratio) times its plain decode gap
+        # on any model and machine, and prompts are still read as fast as that allows.
         self.interleaved_prefill_chunk = interleaved_prefill_chunk
+        self.interleaved_gap_ratio = interleaved_gap_ratio
+        self._decode_seconds: float | None = None  # moving average of a decode forward
+        self._prefill_token_seconds: float | None = None  # moving average per prompt token, small chunks
         self.stop_token_ids = frozenset(tokenizer.eos_token_ids)
         self.stop_token_texts = end_marker_stop_strings(tokenizer)
         self.waiting: deque[Sequence] = deque()  # admission order; PREFILLING ones at the front
@@ -323,7 +330,9 @@ class Engine:
         if not decoding:
             return
         try:
+            started = time.perf_counter()
             sequences, logits = self._decode(decoding)
+            self._decode_seconds = _moving_average(self._decode_seconds, time.perf_counter() - started)
         except Exception:
             if len(decoding) == 1:
                 outputs.append(self._fail(decoding[0], "the forward pass failed"))
@@ -390,11 +399,7 @@ class Engine:
     def _read_prompts(self, outputs: list[StepOutput]) -> None:
         """Read waiting prompts, a chunk per forward, up to the step's budget of prompt tokens."""
         decoding = any(s.status is SequenceStatus.RUNNING for s in self.running)
-        budget = (
-            min(self.interleaved_prefill_chunk, self.prefill_chunk_size)
-            if decoding
-            else self.prefill_chunk_size
-        )
+        budget = self._interleaved_budget() if decoding else self.prefill_chunk_size
         while budget > 0 and self.waiting:
             sequence = self.waiting[0]
             if sequence.status is SequenceStatus.WAITING:
@@ -404,7 +409,12 @@ class Engine:
                 if sequence.status is SequenceStatus.FINISHED:
                     continue
             try:
+                started = time.perf_counter()
                 used, logits = self._prefill_chunk(sequence, budget)
+                if decoding:
+                    self._prefill_token_seconds = _moving_average(
+                        self._prefill_token_seconds, (time.perf_counter() - started) / used
+                    )
             except Exception:
                 self.waiting.popleft()
                 outputs.append(self._fail(sequence, "reading the prompt failed"))
@@ -412,13 +422,24 @@ class Engine:
             budget -= used
             if logits is None:
                 continue  # more of this prompt next step (or next in this one if budget is left)
-            self.waiting.popleft()
-            sequence.prefill_seconds = time.perf_counter() - sequence.prefill_started_at
-            output = self._choose_and_accept(sequence, logits)
-            if sequence.status is not SequenceStatus.FINISHED:
-                sequence.status = SequenceStatus.RUNNING
-                self.running.append(sequence)
-            outputs.append(output)
+            self._prompt_done(sequence, logits, outputs)
+
+    def _prompt_done(self, sequence: Sequence, logits: torch.Tensor, outputs: list[StepOutput]) -> None:
+        """The head's prompt is read: its first token, and it joins the running sequences."""
+        self.waiting.popleft()
+        sequence.prefill_seconds = time.perf_counter() - sequence.prefill_started_at
+        output = self._choose_and_accept(sequence, logits)
+        if sequence.status is not SequenceStatus.FINISHED:
+            sequence.status = SequenceStatus.RUNNING
+            self.running.append(sequence)
+        outputs.append(output)
+
+    def _interleaved_budget(self) -> int:
+        """Prompt tokens a step may read while streams decode (see `interleaved_gap_ratio`)."""
+        if self._decode_seconds is None or self._prefill_token_seconds is None:
+            return min(self.interleaved_prefill_chunk, self.prefill_chunk_size)
+        tokens = int(self.interleaved_gap_ratio * self._decode_seconds / self._prefill_token_seconds)
+        return max(_MIN_INTERLEAVED_CHUNK, min(tokens, self.prefill_chunk_size))
 
     def _start_prefill(self, sequence: Sequence, outputs: list[StepOutput]) -> bool:
         """Give the head of the queue a cache entry; False when it must wait for room."""
@@ -596,3 +617,11 @@ class Engine:
             logprob=choice.logprob if choice is not None else None,
             top_logprobs=choice.top_logprobs if choice is not None else None,
         )
+
+
+# A prompt chunk below this reads too few rows per weight pass to be worth a forward call.
+_MIN_INTERLEAVED_CHUNK = 8
+
+
+def _moving_average(average: float | None, sample: float, weight: float = 0.2) -> float:
+    return sample if average is None else (1 - weight) * average + weight * sample
