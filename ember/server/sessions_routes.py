@@ -92,7 +92,9 @@ def create_session(
         else getattr(request.app.state.service, "model_name", None)
     )
     try:
-        settings = _settings_dict({}, body.settings)
+        # A model family's chat habits (RWKV: ChatRWKV's decaying penalties) are the base, as in `Chat`.
+        family_defaults = getattr(getattr(handle, "tokenizer", None), "sampling_defaults", None) or {}
+        settings = _settings_dict(dict(family_defaults), body.settings)
     except InvalidRequestError as error:
         raise ApiError(400, f"settings: {error}", param="settings", code="invalid_value") from None
     session = sessions.store.create_session(
