@@ -136,6 +136,15 @@ class Sampler:
         if params.repetition_penalty != 1.0 and prompt_token_ids:
             self.seen[torch.tensor(prompt_token_ids).clamp_(0, vocab_size - 1)] = True
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)  # decayed occurrences in output
+        self.check(params, vocab_size)
+        banned = params.banned_token_ids  # sorted, distinct
+        self.banned = torch.tensor(banned, dtype=torch.long) if banned else None
+        self.penalty_exempt: torch.Tensor | None = None  # (vocab,) bool: never penalized
+
+    @staticmethod
+    def check(params: SamplingParams, vocab_size: int) -> None:
+        """What only the vocabulary can tell: raises InvalidRequestError (no tensors made, so a caller's
+        thread may ask before the engine's thread builds the sampler)."""
         banned = params.banned_token_ids  # sorted, distinct
         if banned and banned[-1] >= vocab_size:
             raise InvalidRequestError(
@@ -143,8 +152,6 @@ class Sampler:
             )
         if len(banned) >= vocab_size:
             raise InvalidRequestError("banned_token_ids ban every token of the vocabulary")
-        self.banned = torch.tensor(banned, dtype=torch.long) if banned else None
-        self.penalty_exempt: torch.Tensor | None = None  # (vocab,) bool: never penalized
 
     def exempt_from_penalties(self, mask: torch.Tensor) -> None:
         """Leave the tokens of a (vocab,) bool mask out of every penalty (penalty_exempt_punctuation)."""

@@ -117,6 +117,7 @@ class Engine:
             )
         params = request.sampling_params
         params.validate()
+        Sampler.check(params, self.vocab_size)
         sequence = Sequence(
             request,
             None,  # made by the engine's thread (`_take_inbox`): see there
