@@ -23,6 +23,7 @@ from gguf.quants import quantize as gguf_quantize
 from ember.errors import ModelLoadError
 from ember.quant import native_float, native_int4, native_int8
 from ember.quant.ggml_blocks import BlockQuantizedTensor
+from ember.quant.ggml_linear import GGMLLinear
 from ember.quant.linear import (
     NATIVE_BATCH_ROWS,
     NATIVE_INT8_BATCH_ROWS,
@@ -308,8 +309,8 @@ def test_float_weights_quantize_to_the_bytes_gguf_writes():
         ("Q8_0", "none", FloatLinear),
         ("Q4_1", "int8", Int4Linear),  # exact as 4 bits; 8 would double the bytes for nothing
         ("Q4_0", "int8", Int4Linear),
-        ("Q5_0", "int8", Q8Linear),  # other block types: dequantized, then rounded to int8
-        ("Q5_1", "int4", Int4Linear),
+        ("Q5_0", "int8", GGMLLinear),  # other block types: run from their own bytes, never re-rounded
+        ("Q5_1", "int4", GGMLLinear),
         ("float", "int8", Q8Linear),
     ],
 )
@@ -324,7 +325,7 @@ def test_make_linear_policy(kind, quant, layer_type):
     layer = make_linear(weight, None, quant, torch.float32)
     assert type(layer) is layer_type
     error = (layer.dequantized_weight() - expected).abs().max().item()
-    exact = kind in ("Q8_0", "Q4_0", "Q4_1")
+    exact = kind != "float"
     assert error == 0 if exact else 0 < error < 0.01
 
 

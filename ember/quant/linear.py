@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from ember.errors import ModelLoadError
+from ember.quant import native_int4
 from ember.quant.float_linear import FloatLinear, Linear
 from ember.quant.ggml_blocks import BlockQuantizedTensor
+from ember.quant.ggml_linear import GGML_KERNEL_TYPES, ConcatLinear, GGMLLinear
 from ember.quant.int4_linear import NATIVE_BATCH_ROWS, SMALL_BATCH_ROWS, Int4Linear, _block_fields
 from ember.quant.q8_linear import NATIVE_INT8_BATCH_ROWS, Q8Linear, _q8_0_fields
 
@@ -115,6 +117,11 @@ def make_linear(
     if quant not in QUANT_MODES:
         raise ModelLoadError(f"unknown quantization {quant!r}; expected one of {', '.join(QUANT_MODES)}")
     device = torch.device(device)
+    if isinstance(weight, (list, tuple)) and quant != "none" and _mixed_block_types(weight, device):
+        # parts of different GGML types (Gemma 3's Q5_0 q and k, Q8_0 v): each kept as stored, side by side
+        biases = bias if isinstance(bias, (list, tuple)) else [bias] + [None] * (len(weight) - 1)
+        parts = [make_linear(part, None, quant, dtype, group_size, device) for part in weight]
+        return ConcatLinear(parts, _concat_biases(biases, [part.shape[0] for part in weight]))
     if isinstance(weight, (list, tuple)):
         sizes = [part.shape[0] for part in weight]
         biases = bias if isinstance(bias, (list, tuple)) else [bias] + [None] * (len(weight) - 1)
@@ -124,13 +131,9 @@ def make_linear(
     if len(weight.shape) != 2:
         raise ModelLoadError(f"a linear weight must be 2-D, got shape {tuple(weight.shape)}")
     if quant != "none" and isinstance(weight, BlockQuantizedTensor):
-        # the blocks' own groups of 32 are kept whatever group_size asks: regrouping would round
-        if weight.quant_type == "Q8_0":
-            codes, scales = _q8_0_fields(weight)
-            return Q8Linear(codes.to(device), scales.to(device), bias, dtype)
-        if weight.quant_type in ("Q4_0", "Q4_1"):
-            codes, scales, minimums = _block_fields(weight)
-            return Int4Linear(codes.to(device), scales.to(device), minimums.to(device), bias, 32, dtype)
+        stored = _stored_form(weight, bias, dtype, device)
+        if stored is not None:
+            return stored
     float_weight = weight.dequantize() if isinstance(weight, BlockQuantizedTensor) else weight
     float_weight = float_weight.to(device)
     if quant == "int4":
@@ -138,3 +141,31 @@ def make_linear(
     if quant == "int8":
         return Q8Linear.quantize(float_weight, bias, dtype)
     return FloatLinear(float_weight.to(dtype), bias)
+
+
+def _stored_form(
+    weight: BlockQuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> Linear | None:
+    """The layer that runs a GGML tensor from its own values (None: no kernel for its type or device).
+
+    The blocks' own groups are kept whatever group_size asks: regrouping would round. Q8_0 and
+    Q4_0 / Q4_1 repack exactly into the AVX-512 tile kernels where those build; every other type
+    (and those, on CPUs the tile kernels do not serve) runs on the GGML block kernels as stored.
+    """
+    if weight.quant_type == "Q8_0":  # exact either way: the VNNI tiles, or float weights without them
+        codes, scales = _q8_0_fields(weight)
+        return Q8Linear(codes.to(device), scales.to(device), bias, dtype)
+    if weight.quant_type in ("Q4_0", "Q4_1") and (device.type != "cpu" or native_int4.load() is not None):
+        codes, scales, minimums = _block_fields(weight)
+        return Int4Linear(codes.to(device), scales.to(device), minimums.to(device), bias, 32, dtype)
+    if weight.quant_type in GGML_KERNEL_TYPES and device.type == "cpu":
+        return GGMLLinear(weight, bias, dtype)
+    return None
+
+
+def _mixed_block_types(weights: Sequence[WeightSource], device: torch.device) -> bool:
+    """Whether fused parts are GGML tensors of more than one type that each run as stored."""
+    if device.type != "cpu" or not all(isinstance(weight, BlockQuantizedTensor) for weight in weights):
+        return False
+    types = {weight.quant_type for weight in weights}
+    return len(types) > 1 and types <= set(GGML_KERNEL_TYPES)

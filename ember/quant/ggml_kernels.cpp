@@ -1,0 +1,396 @@
+// GGML block-quantized weights multiplied straight from their own bytes (see ggml_linear.py).
+//
+// y (rows, out) float32 = x (rows, columns) float32 times W (out, columns) transposed, where W is the
+// tensor's blocks exactly as the GGUF file stores them: row n is columns / QK blocks of BYTES bytes.
+// Each thread takes tiles of kTile output rows, expands the tile's blocks once into a float32 scratch
+// row (L1/L2 sized) and multiplies it with every activation row, so the weight is read once per call
+// however many rows x has; products are float32 fused multiply-adds. The expansion follows ggml's
+// dequantize_row_* (and gguf.quants) value for value; a multiply-subtract may fuse into one rounding.
+//
+// AVX-512 where the compiler targets it (-march=native), AVX2 for the products where that is all there
+// is, portable C++ otherwise.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum BlockType { kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7 };
+
+inline float half_to_float(const uint8_t* bytes) {
+    uint16_t h;
+    std::memcpy(&h, bytes, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            exponent = 127 - 15 + 1;
+            while (!(mantissa & 0x400)) {
+                mantissa <<= 1;
+                exponent--;
+            }
+            bits = sign | (exponent << 23) | ((mantissa & 0x3FF) << 13);
+        }
+    } else if (exponent == 31) {
+        bits = sign | 0x7F800000 | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+    }
+    float value;
+    std::memcpy(&value, &bits, 4);
+    return value;
+#endif
+}
+
+// The 6-bit scale and minimum j (0..7) of a Q4_K / Q5_K block's 12 scale bytes (ggml's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, float* scale, float* minimum) {
+    if (j < 4) {
+        *scale = (float)(q[j] & 63);
+        *minimum = (float)(q[j + 4] & 63);
+    } else {
+        *scale = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *minimum = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 unsigned bytes -> 16 floats
+inline __m512 bytes_to_floats(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+
+inline void store_32(float* y, __m256i codes, __m512 scale, __m512 minimum) {  // y = scale * q - minimum
+    const __m512 low = bytes_to_floats(_mm256_castsi256_si128(codes));
+    const __m512 high = bytes_to_floats(_mm256_extracti128_si256(codes, 1));
+    _mm512_storeu_ps(y, _mm512_fmsub_ps(low, scale, minimum));
+    _mm512_storeu_ps(y + 16, _mm512_fmsub_ps(high, scale, minimum));
+}
+#endif
+
+// ---- one block -> float32 values ----
+
+// Q4_K, 144 bytes: fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of nibbles; 8 groups of 32 values,
+// value = d * scale_j * q - dmin * min_j; bytes 32i..32i+31 hold groups 2i (low nibbles) and 2i+1 (high).
+inline void expand_q4_k(const uint8_t* block, float* y) {
+    const float d = half_to_float(block), dmin = half_to_float(block + 2);
+    const uint8_t* scales = block + 4;
+    const uint8_t* q = block + 16;
+    for (int i = 0; i < 4; i++, q += 32, y += 64) {
+        float s1, m1, s2, m2;
+        scale_min_k4(2 * i, scales, &s1, &m1);
+        scale_min_k4(2 * i + 1, scales, &s2, &m2);
+        const float d1 = d * s1, d2 = d * s2, o1 = dmin * m1, o2 = dmin * m2;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m256i bytes = _mm256_loadu_si256((const __m256i*)q), low4 = _mm256_set1_epi8(0x0F);
+        store_32(y, _mm256_and_si256(bytes, low4), _mm512_set1_ps(d1), _mm512_set1_ps(o1));
+        store_32(y + 32, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), _mm512_set1_ps(d2),
+                 _mm512_set1_ps(o2));
+#else
+        for (int l = 0; l < 32; l++) y[l] = d1 * (float)(q[l] & 0xF) - o1;
+        for (int l = 0; l < 32; l++) y[32 + l] = d2 * (float)(q[l] >> 4) - o2;
+#endif
+    }
+}
+
+// Q5_K, 176 bytes: as Q4_K with 32 bytes of fifth bits after the scales: bit g of byte l is the
+// high bit of value l of group g.
+inline void expand_q5_k(const uint8_t* block, float* y) {
+    const float d = half_to_float(block), dmin = half_to_float(block + 2);
+    const uint8_t* scales = block + 4;
+    const uint8_t* qh = block + 16;
+    const uint8_t* q = block + 48;
+    for (int i = 0; i < 4; i++, q += 32, y += 64) {
+        float s1, m1, s2, m2;
+        scale_min_k4(2 * i, scales, &s1, &m1);
+        scale_min_k4(2 * i + 1, scales, &s2, &m2);
+        const float d1 = d * s1, d2 = d * s2, o1 = dmin * m1, o2 = dmin * m2;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m256i bytes = _mm256_loadu_si256((const __m256i*)q), low4 = _mm256_set1_epi8(0x0F);
+        const __m256i high = _mm256_loadu_si256((const __m256i*)qh), one = _mm256_set1_epi8(1);
+        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * i), one), 4);
+        const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * i + 1), one), 4);
+        store_32(y, _mm256_or_si256(_mm256_and_si256(bytes, low4), h1), _mm512_set1_ps(d1), _mm512_set1_ps(o1));
+        store_32(y + 32, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), h2),
+                 _mm512_set1_ps(d2), _mm512_set1_ps(o2));
+#else
+        for (int l = 0; l < 32; l++) y[l] = d1 * (float)((q[l] & 0xF) | (((qh[l] >> (2 * i)) & 1) << 4)) - o1;
+        for (int l = 0; l < 32; l++)
+            y[32 + l] = d2 * (float)((q[l] >> 4) | (((qh[l] >> (2 * i + 1)) & 1) << 4)) - o2;
+#endif
+    }
+}
+
+// Q6_K, 210 bytes: 128 bytes of low nibbles, 64 bytes of 2-bit pairs, 16 int8 scales, fp16 d;
+// value = d * scale_(k / 16) * (q - 32), q six bits.
+inline void expand_q6_k(const uint8_t* block, float* y) {
+    const uint8_t* ql = block;
+    const uint8_t* qh = block + 128;
+    const int8_t* scales = (const int8_t*)(block + 192);
+    const float d = half_to_float(block + 208);
+    for (int half = 0; half < 2; half++, ql += 64, qh += 32, scales += 8, y += 128) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m256i a = _mm256_loadu_si256((const __m256i*)ql), b = _mm256_loadu_si256((const __m256i*)(ql + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i*)qh);
+        const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+        const __m256i nibbles[4] = {_mm256_and_si256(a, low4), _mm256_and_si256(b, low4),
+                                    _mm256_and_si256(_mm256_srli_epi16(a, 4), low4),
+                                    _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)};
+        for (int c = 0; c < 4; c++) {
+            const __m256i top = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), two), 4);
+            const __m256i codes = _mm256_sub_epi8(_mm256_or_si256(nibbles[c], top), bias);  // -32..31
+            const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes)));
+            const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1)));
+            _mm512_storeu_ps(y + 32 * c, _mm512_mul_ps(_mm512_set1_ps(d * (float)scales[2 * c]), low));
+            _mm512_storeu_ps(y + 32 * c + 16, _mm512_mul_ps(_mm512_set1_ps(d * (float)scales[2 * c + 1]), high));
+        }
+#else
+        for (int l = 0; l < 32; l++) {
+            const int s = l / 16;
+            const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = d * (float)scales[s] * (float)q1;
+            y[l + 32] = d * (float)scales[s + 2] * (float)q2;
+            y[l + 64] = d * (float)scales[s + 4] * (float)q3;
+            y[l + 96] = d * (float)scales[s + 6] * (float)q4;
+        }
+#endif
+    }
+}
+
+// Q5_0 (22 bytes: fp16 d, 32 fifth bits, 16 bytes of nibbles; value = d * (q - 16)) and
+// Q5_1 (24 bytes: fp16 d, fp16 m, fifth bits, nibbles; value = d * q + m). Value l < 16 is the low
+// nibble of byte l, value 16 + l its high nibble; bit k of the 32 fifth bits belongs to value k.
+template <bool kWithMinimum>
+inline void expand_q5(const uint8_t* block, float* y) {
+    const float d = half_to_float(block);
+    const float m = kWithMinimum ? half_to_float(block + 2) : 0.0f;
+    const uint8_t* qh_bytes = block + (kWithMinimum ? 4 : 2);
+    const uint8_t* q = qh_bytes + 4;
+    uint32_t qh;
+    std::memcpy(&qh, qh_bytes, 4);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q), low4 = _mm_set1_epi8(0x0F);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    __m512i first = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4));
+    __m512i second = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4));
+    first = _mm512_mask_or_epi32(first, (__mmask16)(qh & 0xFFFF), first, sixteen);
+    second = _mm512_mask_or_epi32(second, (__mmask16)(qh >> 16), second, sixteen);
+    const __m512 scale = _mm512_set1_ps(d);
+    if (kWithMinimum) {
+        const __m512 minimum = _mm512_set1_ps(m);
+        _mm512_storeu_ps(y, _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), scale, minimum));
+        _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(second), scale, minimum));
+    } else {
+        _mm512_storeu_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(first, sixteen)), scale));
+        _mm512_storeu_ps(y + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(second, sixteen)), scale));
+    }
+#else
+    for (int l = 0; l < 16; l++) {
+        const int q0 = (q[l] & 0xF) | (((qh >> l) & 1) << 4);
+        const int q1 = (q[l] >> 4) | (((qh >> (l + 16)) & 1) << 4);
+        if (kWithMinimum) {
+            y[l] = d * (float)q0 + m;
+            y[l + 16] = d * (float)q1 + m;
+        } else {
+            y[l] = (float)(q0 - 16) * d;
+            y[l + 16] = (float)(q1 - 16) * d;
+        }
+    }
+#endif
+}
+
+// Q8_0 (34 bytes: fp16 d, 32 int8; value = d * q), Q4_0 (18: fp16 d, nibbles; d * (q - 8)) and
+// Q4_1 (20: fp16 d, fp16 m, nibbles; d * q + m): the other kernels' formats, for CPUs they do not serve.
+inline void expand_q8_0(const uint8_t* block, float* y) {
+    const float d = half_to_float(block);
+    const int8_t* q = (const int8_t*)(block + 2);
+    for (int l = 0; l < 32; l++) y[l] = (float)q[l] * d;
+}
+
+template <bool kWithMinimum>
+inline void expand_q4(const uint8_t* block, float* y) {
+    const float d = half_to_float(block);
+    const float m = kWithMinimum ? half_to_float(block + 2) : 0.0f;
+    const uint8_t* q = block + (kWithMinimum ? 4 : 2);
+    for (int l = 0; l < 16; l++) {
+        if (kWithMinimum) {
+            y[l] = d * (float)(q[l] & 0xF) + m;
+            y[l + 16] = d * (float)(q[l] >> 4) + m;
+        } else {
+            y[l] = d * (float)((int)(q[l] & 0xF) - 8);
+            y[l + 16] = d * (float)((int)(q[l] >> 4) - 8);
+        }
+    }
+}
+
+struct Format {
+    int values, bytes;  // per block
+    void (*expand)(const uint8_t*, float*);
+};
+
+constexpr Format kFormats[] = {
+    {256, 144, expand_q4_k}, {256, 176, expand_q5_k}, {256, 210, expand_q6_k}, {32, 22, expand_q5<false>},
+    {32, 24, expand_q5<true>}, {32, 34, expand_q8_0}, {32, 18, expand_q4<false>}, {32, 20, expand_q4<true>},
+};
+
+// Row n of W (columns values) into out.
+template <int kType>
+inline void expand_row(const uint8_t* weight, int64_t n, int64_t columns, float* out) {
+    constexpr Format format = kFormats[kType];
+    const int64_t blocks = columns / format.values;
+    const uint8_t* row = weight + n * blocks * format.bytes;
+    for (int64_t b = 0; b < blocks; b++) format.expand(row + b * format.bytes, out + b * format.values);
+}
+
+constexpr int kTile = 4;  // output rows expanded together: each activation load feeds kTile products
+
+// The kTile dot products of w (kTile rows, stride columns) with one activation row x; columns % 32 == 0.
+inline void tile_dots(const float* w, const float* x, int64_t columns, float* out) {
+#if defined(__AVX512F__)
+    __m512 acc[kTile][2];
+    for (int r = 0; r < kTile; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < columns; k += 32) {
+        const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        for (int r = 0; r < kTile; r++) {
+            acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * columns + k), x0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * columns + k + 16), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < kTile; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[kTile][2];
+    for (int r = 0; r < kTile; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < columns; k += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < kTile; r++) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * columns + k), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * columns + k + 8), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < kTile; r++) {
+        __m256 sum = _mm256_add_ps(acc[r][0], acc[r][1]);
+        __m128 folded = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        folded = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
+        folded = _mm_add_ss(folded, _mm_movehdup_ps(folded));
+        out[r] = _mm_cvtss_f32(folded);
+    }
+#else
+    for (int r = 0; r < kTile; r++) {
+        float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t k = 0; k < columns; k += 8)
+            for (int l = 0; l < 8; l++) lanes[l] += w[r * columns + k + l] * x[k + l];
+        out[r] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    }
+#endif
+}
+
+inline float* scratch(int64_t floats) {
+    thread_local std::vector<float> buffer;
+    if ((int64_t)buffer.size() < floats) buffer.resize(floats);
+    return buffer.data();
+}
+
+template <int kType>
+void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, int64_t out_features, float* y,
+            int nthreads) {
+    const uint8_t* blocks = (const uint8_t*)weight;
+    const int64_t tiles = (out_features + kTile - 1) / kTile;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && tiles > 1)
+    {
+        float* w = scratch(kTile * columns);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t first = t * kTile, count = std::min<int64_t>(kTile, out_features - first);
+            for (int r = 0; r < count; r++) expand_row<kType>(blocks, first + r, columns, w + r * columns);
+            if (count < kTile) std::memset(w + count * columns, 0, (kTile - count) * columns * sizeof(float));
+            for (int64_t m = 0; m < rows; m++) {
+                float out[kTile];
+                tile_dots(w, x + m * columns, columns, out);
+                for (int r = 0; r < count; r++) y[m * out_features + first + r] = out[r];
+            }
+        }
+    }
+}
+
+template <int kType>
+void expand_rows(const void* weight, int64_t columns, int64_t first_row, int64_t count, const int64_t* ids,
+                 float* out, int nthreads) {
+    const uint8_t* blocks = (const uint8_t*)weight;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && count > 1)
+    for (int64_t i = 0; i < count; i++)
+        expand_row<kType>(blocks, ids ? ids[i] : first_row + i, columns, out + i * columns);
+}
+
+typedef void (*MatmulKernel)(const float* x, int64_t rows, int64_t columns, const void* weight,
+                             int64_t out_features, float* y, int nthreads);
+
+}  // namespace
+
+extern "C" int ember_ggml_abi_version() { return 1; }
+
+// The widest instruction set the products use: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (portable C++).
+extern "C" int ember_ggml_vector_bits() {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+#define EMBER_GGML_KERNELS(NAME, TYPE)                                                                      \
+    extern "C" void ember_ggml_##NAME##_matmul(const float* x, int64_t rows, int64_t columns,              \
+                                               const void* weight, int64_t out_features, float* y,        \
+                                               int nthreads) {                                            \
+        matmul<TYPE>(x, rows, columns, weight, out_features, y, nthreads);                                \
+    }                                                                                                      \
+    extern "C" void ember_ggml_##NAME##_expand_rows(const void* weight, int64_t columns, int64_t first_row, \
+                                                    int64_t count, const int64_t* ids, float* out,         \
+                                                    int nthreads) {                                        \
+        expand_rows<TYPE>(weight, columns, first_row, count, ids, out, nthreads);                          \
+    }
+
+EMBER_GGML_KERNELS(q4_k, kQ4_K)
+EMBER_GGML_KERNELS(q5_k, kQ5_K)
+EMBER_GGML_KERNELS(q6_k, kQ6_K)
+EMBER_GGML_KERNELS(q5_0, kQ5_0)
+EMBER_GGML_KERNELS(q5_1, kQ5_1)
+EMBER_GGML_KERNELS(q8_0, kQ8_0)
+EMBER_GGML_KERNELS(q4_0, kQ4_0)
+EMBER_GGML_KERNELS(q4_1, kQ4_1)
+
+// Several projections fused along out_features whose weights differ in kind (Q5_0 q and k with a Q8_0 v):
+// table = [count, then (kernel, weight, out_features) per part], each part a kernel of this signature.
+// Each part's product lands in a scratch block and is copied into its columns of y (rows, out_features).
+extern "C" void ember_ggml_concat_matmul(const float* x, int64_t rows, int64_t columns, const void* table,
+                                         int64_t out_features, float* y, int nthreads) {
+    const int64_t* entries = (const int64_t*)table;
+    const int64_t count = entries[0];
+    int64_t widest = 0;
+    for (int64_t p = 0; p < count; p++) widest = std::max(widest, entries[3 + 3 * p]);
+    thread_local std::vector<float> part;
+    if ((int64_t)part.size() < rows * widest) part.resize(rows * widest);
+    int64_t offset = 0;
+    for (int64_t p = 0; p < count; p++) {
+        const MatmulKernel kernel = (MatmulKernel)entries[1 + 3 * p];
+        const int64_t width = entries[3 + 3 * p];
+        kernel(x, rows, columns, (const void*)entries[2 + 3 * p], width, part.data(), nthreads);
+        for (int64_t m = 0; m < rows; m++)
+            std::memcpy(y + m * out_features + offset, part.data() + m * width, width * sizeof(float));
+        offset += width;
+    }
+}

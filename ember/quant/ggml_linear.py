@@ -1,0 +1,180 @@
+"""A linear layer over a GGUF tensor's own blocks (Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, ...), never re-rounded.
+
+The weight stays the bytes the file stores (Q4_K: 4.5 bits a value), so the
+products are those of `gguf.quants.dequantize`'s values and a model's answers
+do not drift from the file's. Which kernel runs depends on the rows of x:
+
+- few rows (decode, up to `NATIVE_GGML_ROWS`): the native kernel
+  (`native_ggml`), memory-bound, reading each block once per call and
+  multiplying float32 activations by the expanded float32 weights;
+- many rows (prefill): compute-bound, so the weight is expanded a chunk of
+  output rows at a time (about 4 MiB of float32) and each chunk goes to
+  oneDNN's matrix product in `dtype`; a full float copy never exists.
+
+`ConcatLinear` fuses projections whose tensors differ in type (Gemma 3's
+Q5_0 q and k with a Q8_0 v) without converting any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ember.errors import ModelLoadError
+from ember.quant import native_ggml
+from ember.quant.describe import describe_layer
+from ember.quant.float_linear import _finish, _plain_linear, _rows
+from ember.quant.ggml_blocks import BlockQuantizedTensor
+from ember.quant.ggml_dequant import BLOCK_SIZES, dequantize
+
+# Rows at or below which the native kernel runs; above, expanded chunks go to oneDNN's GEMM.
+NATIVE_GGML_ROWS = 32
+_CHUNK_FLOATS = 1 << 20  # float32 values of weight expanded at a time for many rows (4 MiB)
+GGML_KERNEL_TYPES = tuple(native_ggml.KERNEL_TYPES)
+
+
+def check_blocks(quant_type: str, shape: Sequence[int], num_bytes: int, name: str = "") -> None:
+    """Raise ModelLoadError unless `num_bytes` of `quant_type` blocks hold a 2-D weight of `shape`."""
+    label = f"tensor {name!r}" if name else "weight"
+    if quant_type not in GGML_KERNEL_TYPES:
+        raise ModelLoadError(f"{label}: no GGML block kernel for type {quant_type}")
+    if len(shape) != 2:
+        raise ModelLoadError(f"{label}: a {quant_type} linear weight must be 2-D, got shape {tuple(shape)}")
+    out_features, in_features = shape
+    values, block_bytes = BLOCK_SIZES[quant_type]
+    if in_features <= 0 or out_features <= 0 or in_features % values:
+        raise ModelLoadError(
+            f"{label}: {quant_type} rows of {in_features} values are not whole {values}-value blocks"
+        )
+    expected = out_features * (in_features // values) * block_bytes
+    if num_bytes != expected:
+        raise ModelLoadError(
+            f"{label}: {quant_type} of shape {tuple(shape)} needs {expected} bytes, got {num_bytes}"
+        )
+
+
+class GGMLLinear:
+    """weight (out_features, in_features) as GGML blocks of one type; y = x @ weight^T (+ bias)."""
+
+    def __init__(
+        self,
+        tensor: BlockQuantizedTensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        check_blocks(tensor.quant_type, tensor.shape, tensor.nbytes, tensor.name)
+        self.quant_type = tensor.quant_type
+        self.out_features, self.in_features = (int(size) for size in tensor.shape)
+        self.dtype = dtype  # of the expanded chunks that serve many rows
+        self.bias = None if bias is None else bias.float()
+        self._library = native_ggml.load()
+        self.backend = "native" if self._library is not None else "portable"
+        # the file's bytes, copied out of its mapping so that the file can close: (out, bytes per row)
+        data = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(self.out_features, -1)
+        self.blocks = torch.from_numpy(data)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel() + (0 if self.bias is None else self.bias.numel() * 4)
+
+    @property
+    def kernel_name(self) -> str:
+        """Which kernel serves decode, for `ember info`: "q4_k native (avx512)"."""
+        stem = native_ggml.KERNEL_TYPES[self.quant_type]
+        if self.backend != "native":
+            return f"{stem} portable (torch)"
+        return f"{stem} native ({native_ggml.instruction_set()})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x, self.in_features)  # (rows, in)
+        if self.backend == "native" and rows.shape[0] <= NATIVE_GGML_ROWS:
+            y = native_ggml.matmul(self.quant_type, rows.float(), self.blocks, self.out_features)
+        else:
+            y = self._chunked_product(rows.to(self.dtype))
+        return _finish(y, x, self.bias)
+
+    def _chunked_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in) in self.dtype -> (M, out) float32, a chunk of expanded weight rows at a time."""
+        chunk = max(16, _CHUNK_FLOATS // self.in_features)
+        if chunk >= self.out_features:
+            return _plain_linear(rows, self._expand(0, self.out_features).to(self.dtype), None).float()
+        y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+        for first in range(0, self.out_features, chunk):
+            count = min(chunk, self.out_features - first)
+            weight = self._expand(first, count).to(self.dtype)  # (count, in)
+            y[:, first : first + count] = _plain_linear(rows, weight, None)
+        return y
+
+    def _expand(self, first: int, count: int) -> torch.Tensor:
+        """Rows first..first+count of the weight as float32 (count, in)."""
+        if self.backend == "native":
+            return native_ggml.expand_rows(self.quant_type, self.blocks, self.in_features, first, count)
+        part = self.blocks[first : first + count].numpy()
+        return dequantize(self.quant_type, part, (count, self.in_features))
+
+    def native_kernel(self) -> tuple[int, torch.Tensor, int] | None:
+        """(kernel address, blocks, most rows) for `ember.native_decode`, where this layer has one."""
+        if self.backend != "native" or self.bias is not None:
+            return None
+        return native_ggml.matmul_address(self.quant_type), self.blocks, NATIVE_GGML_ROWS
+
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Rows `token_ids` (any shape) of the weight as float32 (*token_ids.shape, in_features): a tied
+        embedding reads the output layer's blocks. ValueError for an id outside 0..out_features-1."""
+        flat_ids = token_ids.reshape(-1).to(torch.int64)
+        if flat_ids.numel() and not (0 <= flat_ids.min() and flat_ids.max() < self.out_features):
+            raise ValueError(f"row ids must lie in 0..{self.out_features - 1}")
+        if self.backend == "native":
+            found = native_ggml.expand_rows(self.quant_type, self.blocks, self.in_features, ids=flat_ids)
+        else:
+            part = self.blocks[flat_ids].numpy()
+            found = dequantize(self.quant_type, part, (flat_ids.numel(), self.in_features))
+        return found.view(*token_ids.shape, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._expand(0, self.out_features)
+
+
+class ConcatLinear:
+    """Layers stacked along out_features, each kept in its own form; y = the parts' outputs side by side."""
+
+    def __init__(self, parts: Sequence[object], bias: torch.Tensor | None = None):
+        in_features = {part.in_features for part in parts}
+        if len(in_features) != 1:
+            raise ModelLoadError(f"cannot fuse weights with different in_features: {sorted(in_features)}")
+        self.parts = list(parts)
+        self.in_features = in_features.pop()
+        self.out_features = sum(part.out_features for part in parts)
+        self.bias = None if bias is None else bias.float()
+        self._table: torch.Tensor | None = None  # int64 [count, (kernel, weight, out) per part] for C
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts) + (0 if self.bias is None else self.bias.numel() * 4)
+
+    @property
+    def kernel_name(self) -> str:
+        return " + ".join(describe_layer(part) for part in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([part(x) for part in self.parts], dim=-1)  # (..., out)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def native_kernel(self) -> tuple[int, torch.Tensor, int] | None:
+        """The C concatenation over the parts' own kernels, where every part has one and the library built."""
+        if self.bias is not None or native_ggml.load() is None:
+            return None
+        natives = [getattr(part, "native_kernel", lambda: None)() for part in self.parts]
+        if any(native is None for native in natives):
+            return None
+        if self._table is None:
+            entries = [len(self.parts)]
+            for part, (kernel, weight, _) in zip(self.parts, natives):
+                entries += [kernel, weight.data_ptr(), part.out_features]
+            self._table = torch.tensor(entries, dtype=torch.int64)
+        return native_ggml.concat_address(), self._table, min(rows for _, _, rows in natives)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.cat([part.dequantized_weight() for part in self.parts], dim=0)

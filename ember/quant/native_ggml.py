@@ -1,0 +1,99 @@
+"""The GGML block kernels of `ggml_kernels.cpp`: products and row expansion straight from a file's blocks.
+
+One library serves every block type ember runs from its own bytes. Per type
+it exports `ember_ggml_<type>_matmul(x, rows, columns, weight, out_features,
+y, threads)` (the tile kernels' signature, so `native_decode` can call it) and
+`ember_ggml_<type>_expand_rows(weight, columns, first_row, count, ids, out,
+threads)`, which writes rows of the weight as float32 (a prefill chunk, or the
+looked-up rows of a tied embedding). It needs no particular CPU: the source
+picks AVX-512, AVX2 or portable C++ for whatever `-march=native` targets, and
+`vector_bits()` says which it got.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from ember.native_build import NativeLibrary
+from ember.native_decode import function_address
+
+# GGML type name -> the kernels' name stem
+KERNEL_TYPES: dict[str, str] = {
+    "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k", "Q5_0": "q5_0", "Q5_1": "q5_1",
+    "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
+}  # fmt: skip
+
+_SOURCE_FILE = Path(__file__).with_name("ggml_kernels.cpp")
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    i64, pointer, integer = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    matmul_arguments = [pointer, i64, i64, pointer, i64, pointer, integer]
+    for stem in KERNEL_TYPES.values():
+        matmul = getattr(library, f"ember_ggml_{stem}_matmul")
+        matmul.argtypes, matmul.restype = matmul_arguments, None
+        expand = getattr(library, f"ember_ggml_{stem}_expand_rows")
+        expand.argtypes, expand.restype = [pointer, i64, i64, i64, pointer, pointer, integer], None
+    concat = library.ember_ggml_concat_matmul
+    concat.argtypes, concat.restype = matmul_arguments, None
+    library.ember_ggml_vector_bits.argtypes, library.ember_ggml_vector_bits.restype = [], integer
+
+
+LIBRARY = NativeLibrary("ember_ggml", _SOURCE_FILE.read_text(), declare=_declare)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where this machine cannot build it (no compiler, not Linux)."""
+    return LIBRARY.load()
+
+
+def instruction_set() -> str:
+    """ "avx512", "avx2" or "portable": what the built products use ("unavailable" if it did not build)."""
+    library = load()
+    if library is None:
+        return "unavailable"
+    return {512: "avx512", 256: "avx2"}.get(library.ember_ggml_vector_bits(), "portable")
+
+
+def matmul_address(quant_type: str) -> int:
+    """The address of a type's matmul kernel, for tables the C side calls through."""
+    return function_address(getattr(load(), f"ember_ggml_{KERNEL_TYPES[quant_type]}_matmul"))
+
+
+def concat_address() -> int:
+    return function_address(load().ember_ggml_concat_matmul)
+
+
+def matmul(quant_type: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 contiguous times the (out_features, K) weight in `blocks` -> (M, out_features)."""
+    rows, columns = x.shape
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    kernel = getattr(load(), f"ember_ggml_{KERNEL_TYPES[quant_type]}_matmul")
+    threads = torch.get_num_threads()
+    kernel(x.data_ptr(), rows, columns, blocks.data_ptr(), out_features, y.data_ptr(), threads)
+    return y
+
+
+def expand_rows(
+    quant_type: str,
+    blocks: torch.Tensor,
+    columns: int,
+    first_row: int = 0,
+    count: int | None = None,
+    ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows first_row..first_row+count of the weight, or rows `ids` (int64, checked by the caller), as
+    float32 (count, columns)."""
+    if ids is not None:
+        ids = ids.to(torch.int64).contiguous()
+        count = ids.numel()
+    out = torch.empty(count, columns, dtype=torch.float32)
+    kernel = getattr(load(), f"ember_ggml_{KERNEL_TYPES[quant_type]}_expand_rows")
+    kernel(
+        blocks.data_ptr(), columns, first_row, count, None if ids is None else ids.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
