@@ -1,0 +1,64 @@
+"""The GGML block kernels (`ggml_kernels.cpp`) against `gguf.quants.dequantize` and a float64 product."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from ember.errors import ModelLoadError
+from ember.quant.ggml_blocks import BlockQuantizedTensor
+from ember.quant.ggml_dequant import BLOCK_SIZES
+from ember.quant.ggml_linear import ConcatLinear, GGMLLinear
+
+# byte offsets of each type's fp16 scale fields: random bytes elsewhere, finite scales here
+HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1": (0, 2)}
+
+
+def random_blocks(quant_type: str, out_features: int, in_features: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values, block_bytes = BLOCK_SIZES[quant_type]
+    blocks = in_features // values
+    data = rng.integers(0, 256, size=(out_features, blocks, block_bytes), dtype=np.uint8)
+    for offset in HALF_FIELDS[quant_type]:
+        scales = rng.uniform(-0.05, 0.05, size=(out_features, blocks)).astype(np.float16)
+        data[..., offset : offset + 2] = scales.view(np.uint8).reshape(out_features, blocks, 2)
+    return data.reshape(out_features, -1)
+
+
+@pytest.mark.parametrize("quant_type", list(HALF_FIELDS))
+@pytest.mark.parametrize("rows", [1, 3, 16, 70])
+def test_product_matches_gguf_dequantize_in_float64(quant_type, rows):
+    values = BLOCK_SIZES[quant_type][0]
+    out_features, in_features = 37, 3 * values if values == 256 else 9 * values
+    data = random_blocks(quant_type, out_features, in_features, seed=rows)
+    weight = gguf_dequantize(data, getattr(gguf.GGMLQuantizationType, quant_type)).astype(np.float64)
+    weight = weight.reshape(out_features, in_features)
+    layer = GGMLLinear(BlockQuantizedTensor("w", quant_type, (out_features, in_features), data))
+    assert np.array_equal(layer.dequantized_weight().numpy(), weight.astype(np.float32))
+    x = torch.randn(rows, in_features)
+    expected = x.double().numpy() @ weight.T
+    # float32 rounding of a length-K sum: K * 2^-24 * sum |x| |w| bounds it
+    bound = in_features * 2.0**-24 * (np.abs(x.double().numpy()) @ np.abs(weight).T)
+    assert (np.abs(layer(x).double().numpy() - expected) <= bound).all()
+
+
+def test_mixed_types_fuse_side_by_side():
+    parts = [
+        GGMLLinear(BlockQuantizedTensor("a", "Q5_0", (8, 64), random_blocks("Q5_0", 8, 64, 1))),
+        GGMLLinear(BlockQuantizedTensor("b", "Q5_1", (4, 64), random_blocks("Q5_1", 4, 64, 2))),
+    ]
+    fused = ConcatLinear(parts)
+    x = torch.randn(2, 64)
+    assert torch.equal(fused(x), torch.cat([part(x) for part in parts], dim=-1))
+    assert fused.native_kernel() is not None
+
+
+def test_odd_shapes_are_rejected():
+    data = random_blocks("Q4_K", 4, 256, 3)
+    with pytest.raises(ModelLoadError, match="not whole 256-value blocks"):
+        GGMLLinear(BlockQuantizedTensor("w", "Q4_K", (4, 300), data))
+    with pytest.raises(ModelLoadError, match="needs"):
+        GGMLLinear(BlockQuantizedTensor("w", "Q4_K", (5, 256), data))
