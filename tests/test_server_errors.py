@@ -40,6 +40,10 @@ def test_a_reply_the_request_made_impossible_is_a_400_naming_the_field(server):
 def test_inside_a_stream_it_is_an_error_event_in_openai_shape_then_done(server):
     body = {**UNFINISHABLE, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", server.base_url + COMPLETIONS, json=body, timeout=60) as response:
+        if response.status_code == 400:  # the constraint saw the dead end before the first token
+            error = json.loads(response.read())["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "constraint_failed"
+            return
         assert response.status_code == 200  # the first token was out before the failure
         events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
