@@ -121,7 +121,7 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device | None = None) ->
 
 
 def default_quant(checkpoint: Checkpoint) -> str:
-    """GGUF files keep a low-bit form close to their own; float checkpoints stay float."""
-    if checkpoint.format != "gguf":
-        return "none"
-    return checkpoint.details.get("default_quant", "int8")
+    """Quantized files (GGUF, rwkv.cpp) run their blocks as stored; float checkpoints stay float."""
+    if "default_quant" in checkpoint.details:
+        return checkpoint.details["default_quant"]
+    return "int8" if checkpoint.format == "gguf" else "none"

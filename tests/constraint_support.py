@@ -8,6 +8,20 @@ from ember.engine.sequence import GenerationRequest, StepOutput
 
 MAX_STEPS = 2_000  # a bound on any test's stepping loop, so a bug cannot hang the suite
 
+# Ten varied prompts, some asking for JSON and some not: the constraint must make every reply parse.
+JSON_PROMPTS = [
+    "Describe a cat as a JSON object.",
+    "Give me your favourite book as JSON.",
+    "What is the weather like today? Answer in JSON.",
+    "List three fruits and their colours.",
+    "Write a short poem.",
+    "Who are you?",
+    "Make a shopping list for a picnic.",
+    "Tell me about Paris.",
+    "Convert 10 km to miles.",
+    "Suggest a name for a dog.",
+]
+
 
 @dataclass
 class Finished:

@@ -61,6 +61,21 @@ def test_info_describes_the_model():
     assert "parameters" in result.stdout
 
 
+def test_info_load_names_each_tensors_kernel():
+    """A Q5_1 rwkv.cpp file: its matrices run from their own blocks, the kernel table says which."""
+    path = STORY_MODEL.parent / "tiny-rwkv" / "tiny-rwkv-7v0-834K-Q5_1.bin"
+    result = run_ember("info", str(path), "--load")
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.startswith("  "))
+    assert rows["blocks.*.att.key"].startswith("q5_1 ")  # the stored type, never re-rounded
+    assert "(x" in rows["blocks.*.att.key"]  # one row stands for every layer
+    story = run_ember("info", str(STORY_MODEL), "--load", "--quant", "int8")
+    story_rows = dict(line.split(None, 1) for line in story.stdout.splitlines() if line.startswith("  "))
+    names = {"lm_head", "layers.*.qkv_proj", "layers.*.o_proj", "layers.*.gate_up_proj", "layers.*.down_proj"}
+    assert set(story_rows) == names
+    assert all("q8_0" in kernel for kernel in story_rows.values())
+
+
 def test_missing_path(tmp_path):
     assert_one_line_error(run_ember("generate", "-m", str(tmp_path / "nope"), "hi"), "does not exist")
 

@@ -11,7 +11,7 @@ import json
 
 import jsonschema
 import pytest
-from constraint_support import chat_prompt, run_batch
+from constraint_support import JSON_PROMPTS, chat_prompt, run_batch
 
 import ember
 from ember.constraints import constraint_from_options
@@ -22,18 +22,6 @@ from ember.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-JSON_PROMPTS = [
-    "Describe a cat as a JSON object.",
-    "Give me your favourite book as JSON.",
-    "What is the weather like today? Answer in JSON.",
-    "List three fruits and their colours.",
-    "Write a short poem.",
-    "Who are you?",
-    "Make a shopping list for a picnic.",
-    "Tell me about Paris.",
-    "Convert 10 km to miles.",
-    "Suggest a name for a dog.",
-]
 
 PERSON_SCHEMA = {
     "type": "object",

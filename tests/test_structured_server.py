@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+from constraint_support import JSON_PROMPTS
 
 pytestmark = pytest.mark.slow
 
@@ -88,20 +89,6 @@ def _chat(client, text: str, **options):
     return client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": text}], temperature=0.8, **options
     )
-
-
-JSON_PROMPTS = [
-    "Describe a cat as a JSON object.",
-    "Give me your favourite book as JSON.",
-    "What is the weather like today? Answer in JSON.",
-    "List three fruits and their colours.",
-    "Write a short poem.",
-    "Who are you?",
-    "Make a shopping list for a picnic.",
-    "Tell me about Paris.",
-    "Convert 10 km to miles.",
-    "Suggest a name for a dog.",
-]
 
 
 def test_json_mode_replies_parse_for_ten_varied_prompts(client):

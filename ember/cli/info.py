@@ -7,13 +7,17 @@ import math
 import resource
 
 from ember.loader import read_checkpoint, resolve_model_path
+from ember.quant.describe import kernel_table
 
 
 def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("info", help="describe a model file or folder")
     parser.add_argument("path", nargs="?", default="smollm2", help="HF folder, .gguf file or built-in name")
-    parser.add_argument("--load", action="store_true", help="also build the model and report its memory")
+    parser.add_argument(
+        "--load", action="store_true", help="also build the model: its memory and each tensor's kernel"
+    )
     parser.add_argument("--quant", default=None, help="weight form for --load (none, int8, int4)")
+
     parser.set_defaults(run=run)
 
 
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             ("load time", f"{handle.info.load_seconds:.2f} s"),
             ("peak resident memory", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"),
         ]
+        rows.append(("decode kernels", "(per tensor; * is every layer)"))
+        rows += [(f"  {pattern}", kernel) for pattern, kernel in kernel_table(handle.model.named_linears())]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

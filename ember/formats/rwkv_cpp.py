@@ -132,6 +132,9 @@ def read_rwkv_cpp(path: Path, tokenizer_kind: str | None = None) -> Checkpoint:
         "file_size": path.stat().st_size,
         "quant_types": {name: count / total for name, count in counts.items()},
         "tokenizer": tokenizer.kind,
-        "default_quant": {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}.get(bulk, "none"),
+        # every block type runs from its own bytes ("int8" keeps Q5 blocks as stored, on the GGML kernels)
+        "default_quant": {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q5_0": "int8", "Q5_1": "int8"}.get(
+            bulk, "none"
+        ),
     }
     return Checkpoint(config, tensors, tokenizer, path, "rwkv.cpp", details)

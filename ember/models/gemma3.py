@@ -258,6 +258,14 @@ class Gemma3Model:
         cap = config.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap
 
+    def named_linears(self) -> list[tuple[str, Projection]]:
+        """Every linear layer with a name saying where it sits, for `ember info`'s kernel table."""
+        named: list[tuple[str, Projection]] = [("lm_head", self.lm_head)]
+        for index, layer in enumerate(self.layers):
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                named.append((f"layers.{index}.{name}", getattr(layer, name)))
+        return named
+
     def weight_bytes(self) -> int:
         """Resident bytes of the weights in their in-memory form."""
         total = self.lm_head.nbytes + self.final_norm.nbytes

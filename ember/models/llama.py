@@ -290,13 +290,17 @@ class LlamaModel:
             ).to(self.device)
         return ops.rope_rotations(inverse_frequencies, batch.positions)
 
+    def named_linears(self) -> list[tuple[str, Any]]:
+        """Every linear layer with a name saying where it sits, for `ember info`'s kernel table."""
+        named = [("lm_head", self.lm_head)]
+        for index, layer in enumerate(self.layers):
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                named.append((f"layers.{index}.{name}", getattr(layer, name)))
+        return named
+
     def weight_bytes(self) -> int:
         """Resident bytes of the weights in their in-memory form."""
-        linears = [self.lm_head] + [
-            projection
-            for layer in self.layers
-            for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
-        ]
+        linears = [layer for _, layer in self.named_linears()]
         norms = sum(layer.input_norm.nbytes + layer.post_attention_norm.nbytes for layer in self.layers)
         tied_output = self.config.tie_word_embeddings and self.embed_tokens.shares_storage_with(self.lm_head)
         embedding = 0 if tied_output else self.embed_tokens.nbytes

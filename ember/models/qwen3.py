@@ -50,6 +50,13 @@ class QKNormedProjection:
     def nbytes(self) -> int:
         return self.projection.nbytes + self.query_norm.nbytes + self.key_norm.nbytes
 
+    @property
+    def kernel_name(self) -> str:
+        """The projection's kernel, for `ember info`; the norms run in PyTorch after it."""
+        from ember.quant.describe import describe_layer
+
+        return describe_layer(self.projection) + ", q/k norm"
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.projection.dequantized_weight()
 

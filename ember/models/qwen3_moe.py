@@ -227,6 +227,18 @@ class Qwen3MoeModel:
             hidden = hidden[:, -1:]
         return self.lm_head(ops.rms_norm(hidden, self.final_norm, eps)).float()
 
+    def named_linears(self) -> list[tuple[str, Projection]]:
+        """Every linear layer with a name saying where it sits, for `ember info`'s kernel table."""
+        named: list[tuple[str, Projection]] = [("lm_head", self.lm_head)]
+        for index, layer in enumerate(self.layers):
+            prefix = f"layers.{index}."
+            named += [(prefix + "qkv_proj", layer.qkv_proj), (prefix + "o_proj", layer.o_proj)]
+            experts = layer.mlp.experts if isinstance(layer.mlp, SparseMoE) else [layer.mlp]
+            for number, expert in enumerate(experts):
+                mlp = prefix + (f"experts.{number}." if isinstance(layer.mlp, SparseMoE) else "mlp.")
+                named += [(mlp + "gate_up_proj", expert.gate_up_proj), (mlp + "down_proj", expert.down_proj)]
+        return named
+
     def weight_bytes(self) -> int:
         """Resident bytes of the weights in their in-memory form."""
         total = self.lm_head.nbytes + self.final_norm.nbytes

@@ -95,6 +95,13 @@ class RWKVModel:
             device=self.device,
         )
 
+    def named_linears(self) -> list[tuple[str, Any]]:
+        """Every linear layer with a name saying where it sits, for `ember info`'s kernel table."""
+        named = [("head", self.head)]
+        for block in self.blocks:
+            named += [(f"blocks.{block.index}.{name}", layer) for name, layer in block.linears.items()]
+        return named
+
     def weight_bytes(self) -> int:
         embedding = self.embedding.numel() * self.embedding.element_size()
         return embedding + getattr(self.head, "nbytes", 0) + sum(block.weight_bytes for block in self.blocks)

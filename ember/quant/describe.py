@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Iterable
+
 
 def describe_layer(layer: object) -> str:
     """The decode kernel of any ember linear layer (they differ in class and backend)."""
@@ -22,3 +26,22 @@ def describe_layer(layer: object) -> str:
         native = getattr(layer, "_native", None) is not None
         return f"{dtype} native (avx512)" if native else f"{dtype} (onednn)"
     return kind
+
+
+def kernel_table(named_layers: Iterable[tuple[str, object]]) -> list[tuple[str, str]]:
+    """(tensor pattern, kernels) rows: layer numbers become `*`, and a pattern whose layers differ
+    (Q4_K_M's Q6_K ffn_down on some layers, Q4_K on others) lists each kernel with its count."""
+    kernels: dict[str, Counter[str]] = {}
+    for name, layer in named_layers:
+        pattern = re.sub(r"\.\d+\.", ".*.", name)
+        kernels.setdefault(pattern, Counter())[describe_layer(layer)] += 1
+    rows = []
+    for pattern, counts in kernels.items():
+        if len(counts) == 1:
+            ((kernel, count),) = counts.items()
+            rows.append((pattern, kernel if count == 1 else f"{kernel} (x{count})"))
+        else:
+            rows.append(
+                (pattern, "; ".join(f"{kernel} (x{count})" for kernel, count in counts.most_common()))
+            )
+    return rows

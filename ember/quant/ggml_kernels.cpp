@@ -80,12 +80,13 @@ inline void store_32(float* y, __m256i codes, __m512 scale, __m512 minimum) {  /
 
 // ---- one block -> float32 values ----
 
-// Q4_K, 144 bytes: fp16 d, fp16 dmin, 12 scale bytes, 128 bytes of nibbles; 8 groups of 32 values,
-// value = d * scale_j * q - dmin * min_j; bytes 32i..32i+31 hold groups 2i (low nibbles) and 2i+1 (high).
-inline void expand_q4_k(const uint8_t* block, float* y) {
+// Q4_K and Q5_K: fp16 d, fp16 dmin, 12 scale bytes, then (Q5_K only) 32 bytes of fifth bits, then 128
+// bytes of nibbles; 8 groups of 32 values, value = d * scale_j * q - dmin * min_j. Bytes 32i..32i+31
+// hold groups 2i (low nibbles) and 2i+1 (high); bit g of fifth-bit byte l is the high bit of value l
+// of group g. `high` is null for Q4_K (inlined with a constant, so the branch folds away).
+inline void expand_k_groups(const uint8_t* block, const uint8_t* high, const uint8_t* q, float* y) {
     const float d = half_to_float(block), dmin = half_to_float(block + 2);
     const uint8_t* scales = block + 4;
-    const uint8_t* q = block + 16;
     for (int i = 0; i < 4; i++, q += 32, y += 64) {
         float s1, m1, s2, m2;
         scale_min_k4(2 * i, scales, &s1, &m1);
@@ -93,43 +94,35 @@ inline void expand_q4_k(const uint8_t* block, float* y) {
         const float d1 = d * s1, d2 = d * s2, o1 = dmin * m1, o2 = dmin * m2;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         const __m256i bytes = _mm256_loadu_si256((const __m256i*)q), low4 = _mm256_set1_epi8(0x0F);
-        store_32(y, _mm256_and_si256(bytes, low4), _mm512_set1_ps(d1), _mm512_set1_ps(o1));
-        store_32(y + 32, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), _mm512_set1_ps(d2),
-                 _mm512_set1_ps(o2));
+        __m256i first = _mm256_and_si256(bytes, low4);
+        __m256i second = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+        if (high != nullptr) {
+            const __m256i bits = _mm256_loadu_si256((const __m256i*)high), one = _mm256_set1_epi8(1);
+            first = _mm256_or_si256(first, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * i), one), 4));
+            second = _mm256_or_si256(
+                second, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, 2 * i + 1), one), 4));
+        }
+        store_32(y, first, _mm512_set1_ps(d1), _mm512_set1_ps(o1));
+        store_32(y + 32, second, _mm512_set1_ps(d2), _mm512_set1_ps(o2));
 #else
-        for (int l = 0; l < 32; l++) y[l] = d1 * (float)(q[l] & 0xF) - o1;
-        for (int l = 0; l < 32; l++) y[32 + l] = d2 * (float)(q[l] >> 4) - o2;
+        for (int l = 0; l < 32; l++) {
+            int first = q[l] & 0xF, second = q[l] >> 4;
+            if (high != nullptr) {
+                first |= ((high[l] >> (2 * i)) & 1) << 4;
+                second |= ((high[l] >> (2 * i + 1)) & 1) << 4;
+            }
+            y[l] = d1 * (float)first - o1;
+            y[32 + l] = d2 * (float)second - o2;
+        }
 #endif
     }
 }
 
-// Q5_K, 176 bytes: as Q4_K with 32 bytes of fifth bits after the scales: bit g of byte l is the
-// high bit of value l of group g.
-inline void expand_q5_k(const uint8_t* block, float* y) {
-    const float d = half_to_float(block), dmin = half_to_float(block + 2);
-    const uint8_t* scales = block + 4;
-    const uint8_t* qh = block + 16;
-    const uint8_t* q = block + 48;
-    for (int i = 0; i < 4; i++, q += 32, y += 64) {
-        float s1, m1, s2, m2;
-        scale_min_k4(2 * i, scales, &s1, &m1);
-        scale_min_k4(2 * i + 1, scales, &s2, &m2);
-        const float d1 = d * s1, d2 = d * s2, o1 = dmin * m1, o2 = dmin * m2;
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-        const __m256i bytes = _mm256_loadu_si256((const __m256i*)q), low4 = _mm256_set1_epi8(0x0F);
-        const __m256i high = _mm256_loadu_si256((const __m256i*)qh), one = _mm256_set1_epi8(1);
-        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * i), one), 4);
-        const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 2 * i + 1), one), 4);
-        store_32(y, _mm256_or_si256(_mm256_and_si256(bytes, low4), h1), _mm512_set1_ps(d1), _mm512_set1_ps(o1));
-        store_32(y + 32, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), h2),
-                 _mm512_set1_ps(d2), _mm512_set1_ps(o2));
-#else
-        for (int l = 0; l < 32; l++) y[l] = d1 * (float)((q[l] & 0xF) | (((qh[l] >> (2 * i)) & 1) << 4)) - o1;
-        for (int l = 0; l < 32; l++)
-            y[32 + l] = d2 * (float)((q[l] >> 4) | (((qh[l] >> (2 * i + 1)) & 1) << 4)) - o2;
-#endif
-    }
-}
+// Q4_K, 144 bytes
+inline void expand_q4_k(const uint8_t* block, float* y) { expand_k_groups(block, nullptr, block + 16, y); }
+
+// Q5_K, 176 bytes
+inline void expand_q5_k(const uint8_t* block, float* y) { expand_k_groups(block, block + 16, block + 48, y); }
 
 // Q6_K, 210 bytes: 128 bytes of low nibbles, 64 bytes of 2-bit pairs, 16 int8 scales, fp16 d;
 // value = d * scale_(k / 16) * (q - 32), q six bits.

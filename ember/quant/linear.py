@@ -17,8 +17,10 @@ cores with PyTorch 2.13):
   on AMD CPUs (half of oneDNN's speed here).
 
 GGUF Q8_0, Q4_0 and Q4_1 blocks repack straight into these layouts (no float
-pass, no rounding); other block types are dequantized first
-(`BlockQuantizedTensor.dequantize`). `make_linear` holds the policy.
+pass, no rounding); Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 run from their own bytes on
+the GGML block kernels (`GGMLLinear`); only types without a kernel are
+dequantized first (`BlockQuantizedTensor.dequantize`). `make_linear` holds the
+policy.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def make_linear(
     |--------------------------------|--------------|--------------------|-------------------|
     | GGUF Q8_0 blocks               | float, exact | Q8Linear, exact    | Q8Linear, exact   |
     | GGUF Q4_0 / Q4_1 blocks        | float, exact | Int4Linear, exact  | Int4Linear, exact |
+    | GGUF Q4_K/Q5_K/Q6_K/Q5_0/Q5_1  | float, exact | GGMLLinear, exact  | GGMLLinear, exact |
     | float, or other block types    | float        | Q8Linear (rounded) | Int4Linear (rounded) |
 
     Q8_0 under "int4" stays 8-bit: 4-bit rounding of an 8-bit weight moved
