@@ -217,6 +217,7 @@ def load(
     context_length: int | None = None,
     on_layer_built: Callable[[int, int], None] | None = None,
     cuda_graphs: bool = True,
+    tokenizer: str | None = None,
 ) -> ModelHandle:
     """Load a model folder, GGUF file or built-in name.
 
@@ -228,13 +229,15 @@ def load(
     sessions together. `on_layer_built(done, total)` reports loading progress.
     `device` defaults to CUDA when present; `dtype` "auto" is float32 on CPU and
     bfloat16 on CUDA, where `cuda_graphs` replays decode steps as CUDA graphs.
+    `tokenizer` (RWKV files only) names world, 20b, bytes or a tokenizer file
+    instead of the one told from the vocabulary size.
     """
     started = time.perf_counter()
     device = _check_load_arguments(path, dtype, quant, device, cache_memory_mib, context_length, cuda_graphs)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EmberError("device cuda was asked for, but PyTorch sees no CUDA device")
     torch_dtype = parse_dtype(dtype, device)
-    checkpoint = read_checkpoint(resolve_model_path(path))
+    checkpoint = read_checkpoint(resolve_model_path(path), tokenizer=tokenizer)
     quant = quant or default_quant(checkpoint)
     if quant not in QUANT_MODES:
         raise EmberError(f"unknown quant mode {quant!r}; choose one of {', '.join(QUANT_MODES)}")

@@ -67,9 +67,13 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Dispatch on the file kind; the result no longer depends on the format."""
+def read_checkpoint(path: Path, tokenizer: str | None = None) -> Checkpoint:
+    """Dispatch on the file kind; the result no longer depends on the format. `tokenizer` (RWKV
+    files only: world, 20b, bytes or a tokenizer file) overrides the one the file implies."""
     from ember.formats.safetensors_folder import is_hf_folder, read_hf_folder
+
+    if tokenizer is not None and not _is_rwkv_file(path):
+        raise ModelLoadError("a tokenizer can only be named for RWKV files (.pth, rwkv.cpp .bin)")
 
     if path.is_dir():
         if is_hf_folder(path):
@@ -91,10 +95,16 @@ def read_checkpoint(path: Path) -> Checkpoint:
     from ember.formats.rwkv_pth import read_rwkv_pth
 
     if path.suffix.lower() == ".pth":
-        return read_rwkv_pth(path)
+        return read_rwkv_pth(path, tokenizer)
     if has_rwkv_cpp_magic(path):
-        return read_rwkv_cpp(path)
+        return read_rwkv_cpp(path, tokenizer)
     raise ModelLoadError(f"{path} is not a model ember can read (an HF folder or a .gguf file)")
+
+
+def _is_rwkv_file(path: Path) -> bool:
+    from ember.formats.rwkv_cpp import has_rwkv_cpp_magic
+
+    return path.is_file() and (path.suffix.lower() == ".pth" or has_rwkv_cpp_magic(path))
 
 
 def _read_gguf(path: Path) -> Checkpoint:

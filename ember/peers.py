@@ -92,7 +92,9 @@ def find_llama_cpp(gguf: Path, explicit: str | Path | None = None, threads: int 
             "(or give --llama-cpp-bin DIR)"
         )
     tried = "; ".join(f"{path}: {why}" for path, why in rejected.items())
-    raise PeerError(f"no llama.cpp build runs here ({tried}); see BENCHMARKS.md for a build without AMX")
+    raise PeerError(
+        f"no llama.cpp build runs here ({tried}); tools/build-llamacpp-noamx.sh builds one without AMX"
+    )
 
 
 def llama_bench(

@@ -213,6 +213,21 @@ def find_tokenizer_file(file_name: str, model_path: Path | None) -> Path | None:
     return next((path for path in candidates if path.exists()), None)
 
 
+def parse_tokenizer_spec(spec: str | None) -> tuple[str | None, Path | None]:
+    """`--tokenizer`'s value as (kind, file): a kind name (world, 20b, bytes) or the path of a
+    World vocabulary (.txt) or a 20B tokenizer (.json), whose kind its suffix says."""
+    if spec is None or spec in KINDS:
+        return spec, None
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(f"tokenizer {spec!r} is neither one of {', '.join(KINDS)} nor an existing file")
+    if path.suffix == ".txt":
+        return "world", path
+    if path.suffix == ".json":
+        return "20b", path
+    raise ModelLoadError(f"tokenizer file {path.name}: expected a World vocabulary (.txt) or a 20B .json")
+
+
 def load_rwkv_tokenizer(
     vocab_size: int,
     model_path: Path | None = None,
@@ -228,9 +243,24 @@ def load_rwkv_tokenizer(
     if kind not in KINDS:
         raise ModelLoadError(f"unknown RWKV tokenizer {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "bytes":
-        return byte_tokenizer(vocab_size)
-    file_name = WORLD_VOCAB_FILE if kind == "world" else TOKENIZER_20B_FILE
-    path = Path(tokenizer_path) if tokenizer_path else find_tokenizer_file(file_name, model_path)
-    if path is None or not path.exists():
-        raise ModelLoadError(f"the RWKV {kind} tokenizer needs {file_name} beside the model file")
-    return world_tokenizer(path, vocab_size) if kind == "world" else tokenizer_20b(path, vocab_size)
+        tokenizer = byte_tokenizer(vocab_size)
+    else:
+        file_name = WORLD_VOCAB_FILE if kind == "world" else TOKENIZER_20B_FILE
+        path = Path(tokenizer_path) if tokenizer_path else find_tokenizer_file(file_name, model_path)
+        if path is None or not path.exists():
+            raise ModelLoadError(
+                f"the RWKV {kind} tokenizer needs {file_name} beside the model file (or --tokenizer PATH)"
+            )
+        tokenizer = world_tokenizer(path, vocab_size) if kind == "world" else tokenizer_20b(path, vocab_size)
+    largest_id = _largest_token_id(tokenizer)
+    if largest_id >= vocab_size:  # its ids would index past the model's embedding
+        raise ModelLoadError(
+            f"the {kind} tokenizer has ids up to {largest_id}; this model's vocabulary holds {vocab_size}"
+        )
+    return tokenizer
+
+
+def _largest_token_id(tokenizer: Tokenizer) -> int:
+    if isinstance(tokenizer, ByteTrieTokenizer):
+        return max(tokenizer._id_to_bytes)
+    return tokenizer.backend.get_vocab_size(with_added_tokens=True) - 1

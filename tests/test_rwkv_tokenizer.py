@@ -70,6 +70,23 @@ def test_tokenizer_choice_and_errors(tmp_path):
         load_rwkv_tokenizer(65536, model_path=tmp_path / "model.pth")
 
 
+def test_tokenizer_named_at_load():
+    """`ember.load(..., tokenizer=)` / `--tokenizer`: a kind or a file; one that does not fit is refused."""
+    import ember
+
+    model = TOKENIZERS.parent / "tiny-rwkv" / "tiny-rwkv-7v0-834K-FP32.bin"
+    handle = ember.load(model, tokenizer="bytes")
+    assert handle.tokenizer.kind == "bytes" and handle.encode('"in') == [34, 105, 110]
+    with pytest.raises(ModelLoadError, match="ids up to 65529; this model's vocabulary holds 256"):
+        ember.load(model, tokenizer=str(TOKENIZERS / "rwkv_vocab_v20230424.txt"))
+    with pytest.raises(ModelLoadError, match="ids up to 50276"):
+        ember.load(model, tokenizer=str(TOKENIZERS / "20B_tokenizer.json"))
+    with pytest.raises(ModelLoadError, match="neither one of world, 20b, bytes nor an existing file"):
+        ember.load(model, tokenizer="sentencepiece")
+    with pytest.raises(ModelLoadError, match="only be named for RWKV files"):
+        ember.load(TOKENIZERS.parent / "story", tokenizer="bytes")
+
+
 def test_chat_template_is_chatrwkvs_convention():
     template = ChatTemplate(byte_tokenizer().chat_template)
     text = template.render(

@@ -40,6 +40,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weight form: none (exact float), int8, int4; default: float for safetensors, low-bit for GGUF",
     )
+    group.add_argument(
+        "--tokenizer",
+        default=None,
+        help="RWKV files: world, 20b, bytes or a tokenizer file (default: told from the vocabulary size)",
+    )
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     group.add_argument("--context-length", type=int, default=None, help="cap the context (and cache) size")
     group.add_argument(
@@ -167,6 +172,7 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
             context_length=args.context_length,
             cache_memory_mib=args.cache_memory,
             on_layer_built=update,
+            tokenizer=args.tokenizer,
         )
     finally:
         close()

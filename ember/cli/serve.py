@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             context_length=args.context_length,
             cache_memory_mib=args.cache_memory,
             on_layer_built=progress,
+            tokenizer=args.tokenizer,
         )
 
     service = EngineService(

@@ -107,9 +107,12 @@ def _tensor(name: str, type_name: str, shape: tuple[int, ...], raw: np.ndarray) 
     return BlockQuantizedTensor(name=name, quant_type=type_name, shape=shape, data=raw.reshape(rows, -1))
 
 
-def read_rwkv_cpp(path: Path, tokenizer_kind: str | None = None) -> Checkpoint:
-    """An rwkv.cpp file as a Checkpoint (config told from its tensors, tokenizer from its vocabulary size)."""
-    from ember.rwkv_tokenizer import load_rwkv_tokenizer
+def read_rwkv_cpp(path: Path, tokenizer: str | None = None) -> Checkpoint:
+    """An rwkv.cpp file as a Checkpoint (config told from its tensors, tokenizer from its vocabulary
+    size unless `tokenizer` names a kind or a file, see `parse_tokenizer_spec`)."""
+    from ember.rwkv_tokenizer import load_rwkv_tokenizer, parse_tokenizer_spec
+
+    tokenizer_kind, tokenizer_path = parse_tokenizer_spec(tokenizer)
 
     path = Path(path)
     tensors, header = read_rwkv_cpp_tensors(path)
@@ -121,7 +124,9 @@ def read_rwkv_cpp(path: Path, tokenizer_kind: str | None = None) -> Checkpoint:
     ):
         raise ModelLoadError(f"{path}: the header's sizes disagree with its tensors")
     check_tensors(config, tensors)
-    tokenizer = load_rwkv_tokenizer(config.vocab_size, model_path=path, kind=tokenizer_kind)
+    loaded_tokenizer = load_rwkv_tokenizer(
+        config.vocab_size, model_path=path, kind=tokenizer_kind, tokenizer_path=tokenizer_path
+    )
     counts = header["type_counts"]
     total = sum(counts.values())
     quantized = {name: count for name, count in counts.items() if name not in ("F32", "F16")}
@@ -131,10 +136,10 @@ def read_rwkv_cpp(path: Path, tokenizer_kind: str | None = None) -> Checkpoint:
         "file_version": header["file_version"],
         "file_size": path.stat().st_size,
         "quant_types": {name: count / total for name, count in counts.items()},
-        "tokenizer": tokenizer.kind,
+        "tokenizer": loaded_tokenizer.kind,
         # every block type runs from its own bytes ("int8" keeps Q5 blocks as stored, on the GGML kernels)
         "default_quant": {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q5_0": "int8", "Q5_1": "int8"}.get(
             bulk, "none"
         ),
     }
-    return Checkpoint(config, tensors, tokenizer, path, "rwkv.cpp", details)
+    return Checkpoint(config, tensors, loaded_tokenizer, path, "rwkv.cpp", details)

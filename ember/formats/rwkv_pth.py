@@ -81,9 +81,12 @@ def to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_rwkv_pth(path: Path, tokenizer_kind: str | None = None) -> Checkpoint:
-    """A BlinkDL `.pth` as a Checkpoint (v5 group norms at ChatRWKV's epsilon, 64e-5)."""
-    from ember.rwkv_tokenizer import load_rwkv_tokenizer
+def read_rwkv_pth(path: Path, tokenizer: str | None = None) -> Checkpoint:
+    """A BlinkDL `.pth` as a Checkpoint (v5 group norms at ChatRWKV's epsilon, 64e-5); `tokenizer`
+    (a kind or a file, see `parse_tokenizer_spec`) overrides the one told from the vocabulary size."""
+    from ember.rwkv_tokenizer import load_rwkv_tokenizer, parse_tokenizer_spec
+
+    tokenizer_kind, tokenizer_path = parse_tokenizer_spec(tokenizer)
 
     path = Path(path)
     tensors: dict[str, Any] = to_canonical(load_state_dict(path))
@@ -95,11 +98,13 @@ def read_rwkv_pth(path: Path, tokenizer_kind: str | None = None) -> Checkpoint:
         dtypes[key] = dtypes.get(key, 0) + tensor.numel()
     total = sum(dtypes.values())
     config.torch_dtype = max(dtypes, key=dtypes.get)
-    tokenizer = load_rwkv_tokenizer(config.vocab_size, model_path=path, kind=tokenizer_kind)
+    loaded_tokenizer = load_rwkv_tokenizer(
+        config.vocab_size, model_path=path, kind=tokenizer_kind, tokenizer_path=tokenizer_path
+    )
     details = {
         "rwkv_version": config.version,
         "file_size": path.stat().st_size,
         "dtypes": {name: count / total for name, count in dtypes.items()},
-        "tokenizer": tokenizer.kind,
+        "tokenizer": loaded_tokenizer.kind,
     }
-    return Checkpoint(config, tensors, tokenizer, path, "pth", details)
+    return Checkpoint(config, tensors, loaded_tokenizer, path, "pth", details)
