@@ -362,7 +362,7 @@ class Chat:
                     yield output.text
             finished = final is not None and final.finish_reason in ("stop", "length")
             if final is not None and final.finish_reason == "error":
-                raise GenerationError(final.error or "generation failed")
+                raise GenerationError(final.error or "generation failed", final.error_kind)
         finally:
             self._request_id = None
             generated = final.num_generated_tokens if final else 0

@@ -31,5 +31,14 @@ class InvalidRequestError(EmberError):
     """A request's parameters are out of range or inconsistent."""
 
 
+class ConstraintViolationError(EmberError):
+    """A constrained sequence cannot go on (a token outside the mask, or a grammar no token can follow)."""
+
+
 class GenerationError(EmberError):
-    """Generating a reply failed inside the engine (the text so far is kept)."""
+    """Generating a reply failed inside the engine (the text so far is kept). `kind` is the engine's
+    `FailureKind` value: whether the request caused it (a constraint, settings, size) or ember did."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind

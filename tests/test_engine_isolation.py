@@ -15,7 +15,8 @@ import torch
 
 import ember
 from ember.cache import CacheEntry
-from ember.engine.sequence import GenerationRequest, SequenceStatus
+from ember.constraints import constraint_from_options
+from ember.engine.sequence import FailureKind, GenerationRequest, SequenceStatus
 from ember.engine.stop_strings import end_marker_stop_strings
 from ember.errors import InvalidRequestError
 from ember.sampling import SamplingParams
@@ -103,6 +104,7 @@ def test_a_failing_sequence_ends_alone_and_the_others_are_unchanged(tiny, mode):
         outputs = _drain(tiny.engine, requests)
     failed = outputs[requests[1].request_id][-1]
     assert failed.finish_reason == "error" and failed.error
+    assert failed.error_kind is FailureKind.ENGINE  # ember's fault (the model's numbers), not the request's
     assert [_tokens(outputs[requests[i].request_id]) for i in (0, 2)] == alone
     assert all(not e.pinned for e in tiny.engine.kv_cache.entries_by_slot.values())
 
@@ -124,6 +126,7 @@ def test_a_sequence_failing_in_the_decode_batch_ends_alone(tiny):
         for request_id, outputs in _drain(tiny.engine, requests).items():
             collected[request_id].extend(outputs)
     assert collected[requests[1].request_id][-1].finish_reason == "error"
+    assert collected[requests[1].request_id][-1].error_kind is FailureKind.ENGINE
     assert [_tokens(collected[requests[i].request_id]) for i in (0, 2)] == [alone[0], alone[2]]
 
 
@@ -134,7 +137,27 @@ def test_a_prefill_that_always_fails_does_not_block_the_queue(tiny):
         failing = tiny.engine.generate(GenerationRequest([POISON, *_prompt(8, 600 - 100)], GREEDY))
         finals = list(failing)
         assert finals[-1].finish_reason == "error" and "prompt" in finals[-1].error
+        assert finals[-1].error_kind is FailureKind.ENGINE
         assert _run(tiny, behind)[0] == alone
+
+
+def test_failures_say_whose_fault_they_are(story):
+    """A front end answers by the kind: a constraint the vocabulary cannot follow mid-reply, or bans
+    that leave the constraint nothing, are the request's own doing (a 4xx), never ember's 500."""
+    dead_end = constraint_from_options(story.tokenizer, regex="a€")  # no token spells the euro sign
+    request = GenerationRequest(story.encode("Once"), GREEDY, constraint=dead_end)
+    outputs = list(story.engine.generate(request))
+    assert outputs[0].text == "a"  # the failure comes mid-reply, after the first token
+    assert outputs[-1].finish_reason == "error" and outputs[-1].error_kind is FailureKind.CONSTRAINT
+    starts_with_a = [i for i in range(story.engine.vocab_size) if story.tokenizer.decode([i]).startswith("a")]
+    params = SamplingParams(temperature=0.5, max_tokens=8, banned_token_ids=starts_with_a)
+    request = GenerationRequest(
+        story.encode("Once"), params, constraint=constraint_from_options(story.tokenizer, regex="a+")
+    )
+    final = list(story.engine.generate(request))[-1]
+    assert final.finish_reason == "error" and final.error_kind is FailureKind.SAMPLING
+    assert "leave no token" in final.error
+    assert _run(story, story.encode("Once"))[1].finish_reason == "length"  # the engine goes on
 
 
 def test_a_tiny_temperature_is_greedy_beside_a_normal_request(story):

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from server_harness import STORY_MODEL, running_server
 
+from ember.engine.sequence import FailureKind
 from ember.server.errors import engine_failure
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,24 +68,21 @@ def test_the_server_stays_healthy_and_logs_no_traceback(server):
 
 
 @pytest.mark.parametrize(
-    ("message", "status", "code"),
+    ("kind", "status"),
     [
-        ("sampling failed: the regex constraint allows no token here", 400, "constraint_failed"),
-        ("the output constraint failed: token 5 is not allowed", 400, "constraint_failed"),
-        ("sampling failed: the banned tokens leave no token to choose", 400, "sampling_failed"),
-        ("sampling failed: probability tensor contains either `inf` or `nan`", 400, "sampling_failed"),
-        ("the KV cache budget cannot hold this request", 400, "cache_budget_exceeded"),
-        ("this cache entry is in use by another request", 409, "cache_entry_busy"),
-        ("sampling failed: the model produced invalid logits (NaN or no finite value)", 500, "engine_error"),
-        ("the forward pass failed", 500, "engine_error"),
-        ("internal error: KeyError: 3", 500, "engine_error"),
-        (None, 500, "engine_error"),
+        (FailureKind.CONSTRAINT, 400),
+        (FailureKind.SAMPLING, 400),
+        (FailureKind.CACHE_BUDGET, 400),
+        (FailureKind.CACHE_BUSY, 409),
+        (FailureKind.ENGINE, 500),
+        (None, 500),
     ],
 )
-def test_engine_failures_map_to_who_caused_them(message, status, code):
-    error = engine_failure(message, param="guided_regex")
+def test_engine_failures_map_to_who_caused_them(kind, status):
+    error = engine_failure("the engine's message", kind, param="guided_regex")
+    code = "engine_error" if status == 500 else str(kind)
     assert (error.status_code, error.code) == (status, code)
     types = {400: "invalid_request_error", 409: "conflict_error", 500: "server_error"}
     assert error.error_type == types[status]
-    assert error.param == ("guided_regex" if code == "constraint_failed" else None)
-    assert error.message.startswith("generation failed: ")
+    assert error.param == ("guided_regex" if kind is FailureKind.CONSTRAINT else None)
+    assert error.message == "generation failed: the engine's message"

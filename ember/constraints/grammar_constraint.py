@@ -15,11 +15,9 @@ import numpy as np
 import torch
 
 from ember.constraints.json_budget import JsonBudget
-from ember.errors import EmberError
+from ember.errors import ConstraintViolationError
 
-
-class ConstraintViolationError(EmberError):
-    """The constrained sequence cannot go on (a token outside the mask, or a grammar no token can follow)."""
+__all__ = ["ConstraintViolationError", "GrammarConstraint"]
 
 
 class GrammarConstraint:

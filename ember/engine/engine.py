@@ -34,9 +34,9 @@ import torch
 
 from ember.cache import CacheEntry, CacheEntryBusyError, CacheFullError, KVCache
 from ember.engine.detokenizer import StreamingDetokenizer
-from ember.engine.sequence import GenerationRequest, Sequence, SequenceStatus, StepOutput
+from ember.engine.sequence import FailureKind, GenerationRequest, Sequence, SequenceStatus, StepOutput
 from ember.engine.stop_strings import end_marker_stop_strings
-from ember.engine.token_choice import TokenChoice, choose_token, greedy_batch_allowed
+from ember.engine.token_choice import TokenChoice, choose_token, failure_kind, greedy_batch_allowed
 from ember.errors import ContextOverflowError, InvalidRequestError
 from ember.models.batch import ForwardBatch
 from ember.sampling import Sampler
@@ -316,7 +316,7 @@ class Engine:
                     sequence.request.sampling_params, self.vocab_size, sequence.request.prompt_token_ids
                 )
             except Exception as error:
-                outputs.append(self._fail(sequence, f"sampling failed: {error}"))
+                outputs.append(self._fail(sequence, f"sampling failed: {error}", FailureKind.SAMPLING))
                 continue
             self.waiting.append(sequence)
         if aborts:
@@ -336,7 +336,7 @@ class Engine:
             self._decode_seconds = _moving_average(self._decode_seconds, time.perf_counter() - started)
         except Exception:
             if len(decoding) == 1:
-                outputs.append(self._fail(decoding[0], "the forward pass failed"))
+                outputs.append(self._fail(decoding[0], "the forward pass failed", FailureKind.ENGINE))
                 return
             sequences, rows = [], []  # find out who fails: each alone
             for sequence in decoding:
@@ -344,7 +344,7 @@ class Engine:
                     rows.append(self._decode([sequence])[1][0])
                     sequences.append(sequence)
                 except Exception:
-                    outputs.append(self._fail(sequence, "the forward pass failed"))
+                    outputs.append(self._fail(sequence, "the forward pass failed", FailureKind.ENGINE))
             if not sequences:
                 return
             logits = torch.stack(rows)
@@ -364,7 +364,8 @@ class Engine:
                 elif len(decoding) > 1:
                     self._preempt(decoding.pop())  # the newest waits; the others go on
                 else:
-                    outputs.append(self._fail(decoding.pop(), "the KV cache budget cannot hold this request"))
+                    message = "the KV cache budget cannot hold this request"
+                    outputs.append(self._fail(decoding.pop(), message, FailureKind.CACHE_BUDGET))
 
     def _decode(self, sequences: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """One batched forward of each sequence's last token: the sequences, logits (batch, vocab)."""
@@ -394,7 +395,7 @@ class Engine:
         try:
             choice = choose_token(sequence, logits[: self.vocab_size])
         except Exception as error:
-            return self._fail(sequence, f"sampling failed: {error}")
+            return self._fail(sequence, f"sampling failed: {error}", failure_kind(error))
         return self._accept_token(sequence, choice)
 
     def _read_prompts(self, outputs: list[StepOutput]) -> None:
@@ -418,7 +419,7 @@ class Engine:
                     )
             except Exception:
                 self.waiting.popleft()
-                outputs.append(self._fail(sequence, "reading the prompt failed"))
+                outputs.append(self._fail(sequence, "reading the prompt failed", FailureKind.ENGINE))
                 continue
             budget -= used
             if logits is None:
@@ -460,7 +461,10 @@ class Engine:
             if isinstance(error, CacheFullError) and self._someone_holds_cache(sequence):
                 return False  # a running sequence will finish and free room
             self.waiting.popleft()
-            outputs.append(self._fail(sequence, str(error)))
+            kind = (
+                FailureKind.CACHE_BUSY if isinstance(error, CacheEntryBusyError) else FailureKind.CACHE_BUDGET
+            )
+            outputs.append(self._fail(sequence, str(error), kind))
             return True
         sequence.cache_entry = entry
         if not sequence.output_token_ids:  # a readmitted (preempted) sequence keeps its first count
@@ -534,7 +538,8 @@ class Engine:
                 try:
                     constraint.accept_token(token_id)
                 except Exception as error:
-                    return self._fail(sequence, f"the output constraint failed: {error}", text)
+                    message = f"the output constraint failed: {error}"
+                    return self._fail(sequence, message, FailureKind.CONSTRAINT, text)
             if sequence.stop_matcher.stopped:
                 finish_reason = "stop"
             elif constraint is not None and constraint.is_complete:
@@ -552,10 +557,10 @@ class Engine:
         """Text still held back (a partial character, a possible stop-string start), unless it stops."""
         return sequence.stop_matcher.feed(sequence.detokenizer.flush()) + sequence.stop_matcher.flush()
 
-    def _fail(self, sequence: Sequence, message: str, text: str = "") -> StepOutput:
+    def _fail(self, sequence: Sequence, message: str, kind: FailureKind, text: str = "") -> StepOutput:
         """End one sequence with an error (its text so far stays valid); the others go on."""
         log.warning("request %s failed: %s", sequence.request_id, message, exc_info=log.isEnabledFor(10))
-        sequence.error = message
+        sequence.error, sequence.error_kind = message, kind
         self._remove(sequence)
         return self._finish(sequence, "error", text)
 
@@ -563,7 +568,7 @@ class Engine:
         outputs: list[StepOutput] = []
         with self._step_lock:
             for sequence in [*self.waiting, *self.running]:
-                sequence.error = message
+                sequence.error, sequence.error_kind = message, FailureKind.ENGINE
                 outputs.append(self._finish(sequence, "error"))
             self.waiting.clear()
             self.running.clear()
@@ -615,6 +620,7 @@ class Engine:
             num_cached_tokens=sequence.num_cached_tokens,
             num_generated_tokens=len(sequence.output_token_ids),
             error=sequence.error,
+            error_kind=sequence.error_kind,
             logprob=choice.logprob if choice is not None else None,
             top_logprobs=choice.top_logprobs if choice is not None else None,
         )

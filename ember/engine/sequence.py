@@ -60,6 +60,17 @@ class GenerationRequest:
     constraint: TokenConstraint | None = None  # constrained decoding; None: free text
 
 
+class FailureKind(enum.StrEnum):
+    """Why a request finished with "error", for a front end to answer by (the server's HTTP status):
+    the first four are the request's own doing (the same request fails the same way again)."""
+
+    CONSTRAINT = "constraint_failed"  # the output constraint allows no token, or rejected one
+    SAMPLING = "sampling_failed"  # settings no token survives (bans, a degenerate distribution)
+    CACHE_BUDGET = "cache_budget_exceeded"  # the request alone needs more KV cache than the budget
+    CACHE_BUSY = "cache_entry_busy"  # its cache entry (a conversation) is in use by another request
+    ENGINE = "engine_error"  # the forward pass, the model's numbers or the engine itself: ember's fault
+
+
 @dataclass
 class StepOutput:
     """One new token of one request: the unit every front end consumes."""
@@ -72,6 +83,7 @@ class StepOutput:
     num_cached_tokens: int  # prompt tokens reused from the cache instead of computed
     num_generated_tokens: int
     error: str | None = None  # with finish_reason "error": a message a front end can show
+    error_kind: FailureKind | None = None  # with finish_reason "error": whose fault, see FailureKind
     logprob: float | None = None  # with SamplingParams.logprobs: log p(token) under the model's logits
     top_logprobs: list[tuple[int, float]] | None = None  # the N most likely (token id, log p), best first
 
@@ -101,6 +113,7 @@ class Sequence:
         self.num_cached_tokens = 0
         self.finish_reason: str | None = None
         self.error: str | None = None  # why it finished with "error"
+        self.error_kind: FailureKind | None = None
         self.max_tokens = self.params.max_tokens  # may be lowered to fit the context
         self.abort_requested = False
         self.created_at = time.perf_counter()

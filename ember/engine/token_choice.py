@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.engine.sequence import Sequence
+from ember.engine.sequence import FailureKind, Sequence
+from ember.errors import ConstraintViolationError
 from ember.sampling import penalty_exempt_mask
 
 
@@ -24,6 +25,15 @@ class TokenChoice:
 
 class InvalidLogitsError(ValueError):
     """The model gave logits no token can be drawn from (NaN, or nothing finite)."""
+
+
+def failure_kind(error: Exception) -> FailureKind:
+    """Whose fault a failed `choose_token` is: the model's numbers, the constraint, or the settings."""
+    if isinstance(error, InvalidLogitsError):
+        return FailureKind.ENGINE
+    if isinstance(error, ConstraintViolationError):
+        return FailureKind.CONSTRAINT
+    return FailureKind.SAMPLING
 
 
 def greedy_batch_allowed(sequences: list[Sequence]) -> bool:
@@ -48,7 +58,7 @@ def choose_token(sequence: Sequence, logits: torch.Tensor) -> TokenChoice:
         mask = constraint.allowed_token_mask(logits.shape[-1])  # (vocab,) bool, or None: anything
         if mask is not None:
             if not bool(mask.any()):
-                raise ValueError("the output constraint allows no token")
+                raise ConstraintViolationError("the output constraint allows no token")
             allowed = logits.masked_fill(~mask, float("-inf"))
     sampler = sequence.sampler
     params = sequence.params

@@ -106,38 +106,30 @@ def api_error_from_ember_error(error: EmberError) -> ApiError:
     return ApiError(400, str(error))
 
 
-# Engine failures the request itself caused, found by what the engine's message says: sending
-# the same request again fails the same way, so they are the client's 4xx, not a 500.
-# (status, code, phrases); anything else that ends a request with "error" is ember's fault: 500.
-REQUEST_FAILURES = (
-    (400, "constraint_failed", ("constraint allows no token", "the output constraint")),
-    (400, "sampling_failed", ("the banned tokens leave no token", "probability tensor contains")),
-    (400, "sampling_failed", ("invalid multinomial distribution",)),
-    (400, "cache_budget_exceeded", ("the KV cache budget cannot hold", "the KV cache is full")),
-    (409, "cache_entry_busy", ("in use by another request",)),
-)
-MODEL_FAULTS = ("invalid logits",)  # the model's numbers, whatever the request asked: 500
+# A request the engine ended with "error", by the engine's `FailureKind`: the ones the request caused
+# fail the same way when sent again, so they are the client's 4xx; anything else is ember's 500.
+REQUEST_FAILURE_STATUS = {
+    "constraint_failed": 400,
+    "sampling_failed": 400,
+    "cache_budget_exceeded": 400,
+    "cache_entry_busy": 409,
+}
 
 
-def engine_failure(message: str | None, param: str | None = None) -> ApiError:
+def engine_failure(message: str | None, kind: str | None, param: str | None = None) -> ApiError:
     """The answer for a request the engine finished with "error" (before or during its reply).
 
     A failure the request caused (a constraint the vocabulary cannot follow, a
-    sampling setting no token survives, a reply the KV cache budget cannot hold)
-    is a 4xx naming it; a forward pass or step that failed is a 500 "engine_error".
-    `param` names the request field to blame for a constraint failure.
+    sampling setting no token survives, a reply the KV cache budget cannot hold,
+    a conversation another request is writing) is a 4xx with the kind as its
+    code; a forward pass or step that failed is a 500 "engine_error". `param`
+    names the request field to blame for a constraint failure.
     """
-    text = message or "unknown error"
-    if not any(fault in text for fault in MODEL_FAULTS):
-        for status, code, phrases in REQUEST_FAILURES:
-            if any(phrase in text for phrase in phrases):
-                return ApiError(
-                    status,
-                    f"generation failed: {text}",
-                    param=param if code == "constraint_failed" else None,
-                    code=code,
-                )
-    return ApiError(500, f"generation failed: {text}", code="engine_error")
+    text = f"generation failed: {message or 'unknown error'}"
+    status = REQUEST_FAILURE_STATUS.get(str(kind)) if kind is not None else None
+    if status is None:
+        return ApiError(500, text, code="engine_error")
+    return ApiError(status, text, param=param if kind == "constraint_failed" else None, code=str(kind))
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|bytes|literal|function-\w+|[\w-]+\[.*\])$")

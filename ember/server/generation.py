@@ -108,6 +108,7 @@ class Choice:
     logprobs: list[LogprobEntry] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None  # the engine's FailureKind with finish_reason "error"
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0
@@ -132,7 +133,7 @@ class Choice:
         self.num_generated_tokens = output.num_generated_tokens
         if output.finished:
             self.finish_reason = output.finish_reason
-            self.error = output.error
+            self.error, self.error_kind = output.error, output.error_kind
         if output.text:
             self.text_parts.append(output.text)
         entries: list[LogprobEntry] = []

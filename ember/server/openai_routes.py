@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ember.engine.sequence import StepOutput
 from ember.handle import ModelHandle
 from ember.server.engine_service import ClientGone, RequestGroup
 from ember.server.errors import ApiError, engine_failure
@@ -133,10 +134,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _answer(request, body, group, choices, CompletionFormat(response_id, model, plan, echo_text))
 
 
-def _failure(body: ChatCompletionRequest | CompletionRequest, error: str | None) -> ApiError:
+def _failure(body: ChatCompletionRequest | CompletionRequest, failed: StepOutput | Choice) -> ApiError:
     """A choice the engine ended with "error": 4xx when the request caused it, else 500."""
     structured = body.structured_fields_set()
-    return engine_failure(error, param=structured[0] if structured else None)
+    return engine_failure(failed.error, failed.error_kind, param=structured[0] if structured else None)
 
 
 async def _answer(
@@ -151,7 +152,7 @@ async def _answer(
         first = await group.first_outputs(service.queue_timeout, request.is_disconnected)
         for output in first:
             if output.finish_reason == "error":
-                raise _failure(body, output.error)
+                raise _failure(body, output)
     except ClientGone:
         group.close()
         return Response(status_code=499)
@@ -179,7 +180,7 @@ async def _answer(
         group.close()
     failed = [choice for choice in choices if choice.finish_reason == "error"]
     if failed:
-        raise _failure(body, failed[0].error)
+        raise _failure(body, failed[0])
     return JSONResponse(response_format.response(choices))
 
 
@@ -204,7 +205,7 @@ async def _events(
                 text, entries = choice.absorb(output)
                 parts.append(response_format.delta_events(choice, text, entries, include_usage))
                 if output.finish_reason == "error":
-                    parts.append(sse_event(_failure(body, output.error).body()))
+                    parts.append(sse_event(_failure(body, output).body()))
                 elif output.finished:
                     for chunk in response_format.closing_chunks(choice, include_usage):
                         parts.append(sse_event(chunk))

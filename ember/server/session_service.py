@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ember.chat import Chat
-from ember.errors import EmberError
-from ember.server.errors import ApiError, api_error_from_ember_error
+from ember.errors import EmberError, GenerationError
+from ember.server.errors import REQUEST_FAILURE_STATUS, ApiError, api_error_from_ember_error, engine_failure
 from ember.server.sessions_protocol import message_json
 from ember.server.torch_threads import use_one_torch_thread
 from ember.sessions import NotFoundError, SessionStore
@@ -84,7 +84,9 @@ def as_api_error(error: BaseException) -> ApiError:
         return error
     if isinstance(error, NotFoundError):
         return ApiError(404, str(error), code="not_found")
-    if type(error).__name__ == "GenerationError":  # the engine failed, not the request
+    if isinstance(error, GenerationError):
+        if error.kind in REQUEST_FAILURE_STATUS:  # the request caused it: the same 4xx as the OpenAI routes
+            return engine_failure(str(error), error.kind)
         return ApiError(500, str(error), error_type="server_error", code="generation_failed")
     if isinstance(error, EmberError):
         return api_error_from_ember_error(error)
