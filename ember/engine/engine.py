@@ -388,12 +388,18 @@ class Engine:
                 for sequence, token_id in zip(sequences, torch.argmax(logits, dim=-1).tolist()):
                     outputs.append(self._accept_token(sequence, TokenChoice(token_id)))
                 return
-        for sequence, row in zip(sequences, logits):
-            outputs.append(self._choose_and_accept(sequence, row))
+        logits = logits[:, : self.vocab_size]
+        # One pass over the batch finds the invalid rows (each row's own check is 3 vocab-wide passes).
+        valid = (torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)).tolist()
+        for sequence, row, row_valid in zip(sequences, logits, valid):
+            outputs.append(self._choose_and_accept(sequence, row, checked=row_valid))
 
-    def _choose_and_accept(self, sequence: Sequence, logits: torch.Tensor) -> StepOutput:
+    def _choose_and_accept(
+        self, sequence: Sequence, logits: torch.Tensor, checked: bool = False
+    ) -> StepOutput:
+        """`checked`: the row is known to hold no NaN and some finite value."""
         try:
-            choice = choose_token(sequence, logits[: self.vocab_size])
+            choice = choose_token(sequence, logits[: self.vocab_size], checked)
         except Exception as error:
             return self._fail(sequence, f"sampling failed: {error}", failure_kind(error))
         return self._accept_token(sequence, choice)

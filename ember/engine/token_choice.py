@@ -48,9 +48,10 @@ def greedy_batch_allowed(sequences: list[Sequence]) -> bool:
     )
 
 
-def choose_token(sequence: Sequence, logits: torch.Tensor) -> TokenChoice:
-    """The next token of `sequence` from its float32 logits (vocab,)."""
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+def choose_token(sequence: Sequence, logits: torch.Tensor, checked: bool = False) -> TokenChoice:
+    """The next token of `sequence` from its float32 logits (vocab,); `checked`: the caller has
+    already found them free of NaN and holding a finite value (a batch is checked at once)."""
+    if not checked and (bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any())):
         raise InvalidLogitsError("the model produced invalid logits (NaN or no finite value)")
     allowed = logits
     constraint = sequence.request.constraint
@@ -59,7 +60,7 @@ def choose_token(sequence: Sequence, logits: torch.Tensor) -> TokenChoice:
         if mask is not None:
             if not bool(mask.any()):
                 raise ConstraintViolationError("the output constraint allows no token")
-            allowed = logits.masked_fill(~mask, float("-inf"))
+            allowed = torch.where(mask, logits, float("-inf"))
     sampler = sequence.sampler
     params = sequence.params
     if params.penalty_exempt_punctuation and params.uses_penalties and sampler.penalty_exempt is None:
