@@ -17,7 +17,6 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
         "--load", action="store_true", help="also build the model: its memory and each tensor's kernel"
     )
     parser.add_argument("--quant", default=None, help="weight form for --load (none, int8, int4)")
-
     parser.set_defaults(run=run)
 
 
