@@ -8,6 +8,7 @@ path is the same.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,7 +73,8 @@ def read_checkpoint(path: Path, tokenizer: str | None = None) -> Checkpoint:
     files only: world, 20b, bytes or a tokenizer file) overrides the one the file implies."""
     from ember.formats.safetensors_folder import is_hf_folder, read_hf_folder
 
-    if tokenizer is not None and not _is_rwkv_file(path):
+    rwkv_reader = _rwkv_reader(path)
+    if tokenizer is not None and rwkv_reader is None:
         raise ModelLoadError("a tokenizer can only be named for RWKV files (.pth, rwkv.cpp .bin)")
 
     if path.is_dir():
@@ -91,20 +93,21 @@ def read_checkpoint(path: Path, tokenizer: str | None = None) -> Checkpoint:
         return _read_gguf(path)
     if path.suffix == ".safetensors":
         return read_hf_folder(path.parent)
-    from ember.formats.rwkv_cpp import has_rwkv_cpp_magic, read_rwkv_cpp
-    from ember.formats.rwkv_pth import read_rwkv_pth
-
-    if path.suffix.lower() == ".pth":
-        return read_rwkv_pth(path, tokenizer)
-    if has_rwkv_cpp_magic(path):
-        return read_rwkv_cpp(path, tokenizer)
+    if rwkv_reader is not None:
+        return rwkv_reader(path, tokenizer)
     raise ModelLoadError(f"{path} is not a model ember can read (an HF folder or a .gguf file)")
 
 
-def _is_rwkv_file(path: Path) -> bool:
-    from ember.formats.rwkv_cpp import has_rwkv_cpp_magic
+def _rwkv_reader(path: Path) -> Callable[[Path, str | None], Checkpoint] | None:
+    """The reader of an RWKV file (BlinkDL `.pth`, rwkv.cpp `.bin`); None for anything else."""
+    from ember.formats.rwkv_cpp import has_rwkv_cpp_magic, read_rwkv_cpp
+    from ember.formats.rwkv_pth import read_rwkv_pth
 
-    return path.is_file() and (path.suffix.lower() == ".pth" or has_rwkv_cpp_magic(path))
+    if not path.is_file():
+        return None
+    if path.suffix.lower() == ".pth":
+        return read_rwkv_pth
+    return read_rwkv_cpp if has_rwkv_cpp_magic(path) else None
 
 
 def _read_gguf(path: Path) -> Checkpoint:
