@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ember.engine.sequence import FailureKind
 from ember.errors import ContextOverflowError, EmberError, InvalidRequestError
 
 log = logging.getLogger("ember.server")
@@ -109,10 +110,10 @@ def api_error_from_ember_error(error: EmberError) -> ApiError:
 # A request the engine ended with "error", by the engine's `FailureKind`: the ones the request caused
 # fail the same way when sent again, so they are the client's 4xx; anything else is ember's 500.
 REQUEST_FAILURE_STATUS = {
-    "constraint_failed": 400,
-    "sampling_failed": 400,
-    "cache_budget_exceeded": 400,
-    "cache_entry_busy": 409,
+    FailureKind.CONSTRAINT: 400,
+    FailureKind.SAMPLING: 400,
+    FailureKind.CACHE_BUDGET: 400,
+    FailureKind.CACHE_BUSY: 409,
 }
 
 
@@ -126,10 +127,10 @@ def engine_failure(message: str | None, kind: str | None, param: str | None = No
     names the request field to blame for a constraint failure.
     """
     text = f"generation failed: {message or 'unknown error'}"
-    status = REQUEST_FAILURE_STATUS.get(str(kind)) if kind is not None else None
+    status = REQUEST_FAILURE_STATUS.get(kind)  # a StrEnum: its string value finds it too
     if status is None:
-        return ApiError(500, text, code="engine_error")
-    return ApiError(status, text, param=param if kind == "constraint_failed" else None, code=str(kind))
+        return ApiError(500, text, code=FailureKind.ENGINE.value)
+    return ApiError(status, text, param=param if kind == FailureKind.CONSTRAINT else None, code=str(kind))
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|bytes|literal|function-\w+|[\w-]+\[.*\])$")
