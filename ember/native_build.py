@@ -1,7 +1,7 @@
-"""Build C++ kernels from source strings on first use, and load them once per process.
+"""Build C++ kernels from their source files on first use, and load them once per process.
 
-The native kernels (`quant/native_int4.py`, `quant/native_int8.py`,
-`native_ops.py`) keep their C++ as a string, so the package ships no
+The native kernels (`native_ops.cpp`, `native_decode.cpp`, `quant/*_kernel.cpp`,
+`quant/ggml_kernels.cpp`, `models/rwkv_wkv.cpp`) ship as C++ source, not
 binaries: the first use compiles it with the system's g++ (`-march=native`)
 into `~/.cache/ember/kernels`, keyed by source, flags and CPU. Where that cannot
 happen (no compiler, a CPU without the needed instructions, not Linux) `load()`
@@ -23,6 +23,24 @@ from pathlib import Path
 import torch  # noqa: F401  (imported first so a library's libgomp resolves to torch's: one OpenMP pool)
 
 COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def read_source(path: Path) -> str:
+    """A kernel's C++ with the headers it includes from its own folder (`#include "name.h"`) written in
+    place: one translation unit to compile, and one text whose hash says when to rebuild."""
+    lines = []
+    for line in path.read_text().splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith('#include "') and stripped.endswith('"'):
+            header = path.with_name(stripped[len('#include "') : -1])
+            lines.extend(
+                header_line
+                for header_line in read_source(header).splitlines(keepends=True)
+                if header_line.strip() != "#pragma once"
+            )
+        else:
+            lines.append(line)
+    return "".join(lines)
 
 
 class NativeLibrary:

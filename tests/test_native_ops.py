@@ -26,6 +26,31 @@ def test_the_operator_library_builds_where_a_compiler_exists():
     assert LIBRARY is not None, native_ops.LIBRARY.failure_reason
 
 
+@pytest.mark.skipif(shutil.which("g++") is None or sys.platform != "linux", reason="no g++ on Linux here")
+def test_every_kernel_source_file_builds():
+    """The int4, int8 and float kernels read their C++ from files (with the tile kernels' shared header
+    written in): each must compile, or its layers would quietly fall back to PyTorch."""
+    from ember.quant import native_float, native_int4, native_int8
+
+    for module in (native_int4, native_int8, native_float):
+        assert '#include "' not in module.LIBRARY.source  # the local header is inlined, not left to -I
+        assert module.load() is not None or "CPU lacks" in (module.LIBRARY.failure_reason or ""), (
+            module.LIBRARY.failure_reason
+        )
+
+
+def test_read_source_writes_local_headers_in_place(tmp_path):
+    from ember.native_build import read_source
+
+    (tmp_path / "shared.h").write_text("#pragma once\nint shared() { return 1; }\n")
+    (tmp_path / "kernel.cpp").write_text(
+        '#include <cstdint>\n#include "shared.h"\nint kernel() { return 2; }\n'
+    )
+    assert read_source(tmp_path / "kernel.cpp") == (
+        "#include <cstdint>\nint shared() { return 1; }\nint kernel() { return 2; }\n"
+    )
+
+
 @needs_library
 @pytest.mark.parametrize("dim", [576, 70])  # 70: a tail past the last full vector
 @pytest.mark.parametrize("with_delta", [True, False])
