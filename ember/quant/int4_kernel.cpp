@@ -113,39 +113,23 @@ extern "C" void ember_int4_matmul(const float* x, int64_t M, int64_t K, const ui
 // computed as one fused multiply-add (exact for Q4_0 / Q4_1, whose d * q is exact in float32).
 extern "C" void ember_int4_dequantize_transposed(const uint8_t* packed, int64_t N, int64_t K, void* out,
                                                  int out_bf16, int nthreads) {
-    const int64_t blocks = K / kBlock, tiles = (N + kRows - 1) / kRows;
     const __m512i deinterleave = _mm512_load_si512((const void*)kDeinterleaveOrder);
-    // Blocks outermost, then bands of 8 tiles staged in a small buffer, so that out is written in
-    // 256- or 512-byte runs per row: 16-value pieces N apart (N = 3072 or 49152) hit the same few L1
-    // sets and TLB entries, 5-30x slower.
-    constexpr int kBand = 8;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && blocks > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-        alignas(64) float staged[kBlock][kBand * kRows];
-        for (int64_t band = 0; band < tiles; band += kBand) {
-            const int64_t band_tiles = std::min<int64_t>(kBand, tiles - band);
-            for (int64_t u = 0; u < band_tiles; u++) {
-                const uint8_t* blk = packed + ((band + u) * blocks + b) * kTileBlockBytes;
-                __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 256)));
-                __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 288)));
-                for (int j = 0; j < 4; j++) {
-                    __m512i words = _mm512_loadu_si512((const void*)(blk + 64 * j));
-                    __m512i f[4] = {field<0>(words), field<1>(words), field<2>(words), field<3>(words)};
-                    for (int s = 0; s < 4; s++) {
-                        __m512i q = _mm512_permutexvar_epi16(deinterleave, f[s]);
-                        for (int e = 0; e < 2; e++) {
-                            __m256i half = e == 0 ? _mm512_castsi512_si256(q)
-                                                  : _mm512_extracti64x4_epi64(q, 1);
-                            __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(half));
-                            __m512 value = _mm512_fmadd_ps(code, scale, minimum);
-                            _mm512_store_ps(&staged[8 * j + 2 * s + e][u * kRows], value);
-                        }
+    dequantize_transposed_tiles<kTileBlockBytes>(
+        packed, N, K, out, out_bf16, nthreads, [&](const uint8_t* blk, float (*staged)[8 * kRows], int64_t u) {
+            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 256)));
+            __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 288)));
+            for (int j = 0; j < 4; j++) {
+                __m512i words = _mm512_loadu_si512((const void*)(blk + 64 * j));
+                __m512i f[4] = {field<0>(words), field<1>(words), field<2>(words), field<3>(words)};
+                for (int s = 0; s < 4; s++) {
+                    __m512i q = _mm512_permutexvar_epi16(deinterleave, f[s]);
+                    for (int e = 0; e < 2; e++) {
+                        __m256i half = e == 0 ? _mm512_castsi512_si256(q) : _mm512_extracti64x4_epi64(q, 1);
+                        __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(half));
+                        __m512 value = _mm512_fmadd_ps(code, scale, minimum);
+                        _mm512_store_ps(&staged[8 * j + 2 * s + e][u * kRows], value);
                     }
                 }
             }
-            const int64_t columns = std::min<int64_t>(band_tiles * kRows, N - band * kRows);
-            write_staged_block(&staged[0][0], kBand * kRows, kBlock, columns, out, b * kBlock, N,
-                               band * kRows, out_bf16);
-        }
-    }
+        });
 }

@@ -125,35 +125,20 @@ extern "C" void ember_int8_matmul(const float* x, int64_t M, int64_t K, const ui
 // out (K, N), float32 (out_bf16 == 0) or bfloat16: the weight transposed, d * q (exact in float32).
 extern "C" void ember_int8_dequantize_transposed(const uint8_t* packed, int64_t N, int64_t K, void* out,
                                                  int out_bf16, int nthreads) {
-    const int64_t blocks = K / kBlock, tiles = (N + kRows - 1) / kRows;
     const __m512i deinterleave = _mm512_load_si512((const void*)kDeinterleaveOrder);
-    // Blocks outermost, then bands of 8 tiles staged, so that out is written in 512-byte runs per row.
-    constexpr int kBand = 8;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && blocks > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-        alignas(64) float staged[kBlock][kBand * kRows];
-        for (int64_t band = 0; band < tiles; band += kBand) {
-            const int64_t band_count = std::min<int64_t>(kBand, tiles - band);
-            for (int64_t u = 0; u < band_count; u++) {
-                const uint8_t* blk = packed + ((band + u) * blocks + b) * kTileBlockBytes;
-                const __m256i half_scales = _mm256_loadu_si256((const __m256i*)(blk + kScaleOffset));
-                const __m512 scale = _mm512_cvtph_ps(half_scales);
-                for (int c = 0; c < 16; c++) {
-                    const __m256i bytes = _mm256_loadu_si256((const __m256i*)(blk + 32 * c));
-                    const __m512i q = _mm512_permutexvar_epi16(deinterleave, _mm512_cvtepi8_epi16(bytes));
-                    for (int e = 0; e < 2; e++) {
-                        const __m256i half = e == 0 ? _mm512_castsi512_si256(q)
-                                                    : _mm512_extracti64x4_epi64(q, 1);
-                        const __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(half));
-                        _mm512_store_ps(&staged[2 * c + e][u * kRows], _mm512_mul_ps(code, scale));
-                    }
+    dequantize_transposed_tiles<kTileBlockBytes>(
+        packed, N, K, out, out_bf16, nthreads, [&](const uint8_t* blk, float (*staged)[8 * kRows], int64_t u) {
+            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + kScaleOffset)));
+            for (int c = 0; c < 16; c++) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i*)(blk + 32 * c));
+                const __m512i q = _mm512_permutexvar_epi16(deinterleave, _mm512_cvtepi8_epi16(bytes));
+                for (int e = 0; e < 2; e++) {
+                    const __m256i half = e == 0 ? _mm512_castsi512_si256(q) : _mm512_extracti64x4_epi64(q, 1);
+                    const __m512 code = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(half));
+                    _mm512_store_ps(&staged[2 * c + e][u * kRows], _mm512_mul_ps(code, scale));
                 }
             }
-            const int64_t columns = std::min<int64_t>(band_count * kRows, N - band * kRows);
-            write_staged_block(&staged[0][0], kBand * kRows, kBlock, columns, out, b * kBlock, N,
-                               band * kRows, out_bf16);
-        }
-    }
+        });
 }
 
 // out (count, K) float32: rows ids[i] of the weight, d * q exactly. Returns 0, or 1 (writing nothing)
