@@ -36,7 +36,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
                 "--seed",
                 "7",
                 "--workers",
-                "1",  # one thread: CPython 3.11's ast.parse, which hypothesis calls, races in threads (gh-106905)
+                "1",  # one thread: CPython 3.11's ast.parse (hypothesis calls it) races in threads, gh-106905
                 "--request-timeout",
                 "60",
                 "--generation-database",
