@@ -174,6 +174,19 @@ def test_native_int4_is_exact_apart_from_bfloat16_activations(gguf_tensors, rows
     assert_close_to_reference(layer(x), seen, reference_weight(tensor), 1e-5)
 
 
+def test_native_int4_rows_do_not_depend_on_their_batch(gguf_tensors):
+    """A row's result is bit-identical whichever rows share its call: greedy output alone equals greedy
+    output in a batch (the server's promise). Sums split into a number of chains that varied with the
+    batch size once, and a reply in a batch of 8 then differed from the same reply alone."""
+    if not NATIVE:
+        pytest.skip(f"native int4 kernel unavailable: {native_int4.LIBRARY.failure_reason}")
+    layer = make_linear(gguf_tensors["blk.0.ffn_down.weight"], None, "int4", torch.float32)
+    x = torch.randn(NATIVE_BATCH_ROWS, 1536)
+    alone = torch.cat([layer(x[row : row + 1]) for row in range(len(x))])
+    for rows in range(2, NATIVE_BATCH_ROWS + 1):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+
+
 def last_rows(tensor: BlockQuantizedTensor, rows: int) -> BlockQuantizedTensor:
     return BlockQuantizedTensor(tensor.name, tensor.quant_type, (rows, tensor.shape[1]), tensor.data[-rows:])
 
