@@ -24,6 +24,7 @@ from ember.errors import ModelLoadError
 from ember.quant import native_float, native_int4, native_int8
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 from ember.quant.ggml_linear import GGMLLinear
+from ember.quant.int4_linear import q4_1_blocks
 from ember.quant.linear import (
     NATIVE_BATCH_ROWS,
     NATIVE_INT8_BATCH_ROWS,
@@ -35,6 +36,7 @@ from ember.quant.linear import (
     concat_linear_weights,
     make_linear,
 )
+from ember.quant.q8_linear import q8_0_blocks
 from tests.conftest import break_native_build
 
 NATIVE = native_int4.load() is not None
@@ -312,19 +314,52 @@ def test_float_weights_quantize_to_the_bytes_gguf_writes():
     if NATIVE_INT8:  # the tiles hold exactly gguf's codes and scales
         tensor = BlockQuantizedTensor("w", "Q8_0", (48, 128), expected_blocks)
         assert torch.equal(Q8Linear.quantize(weight).tiles, Q8Linear.from_blocks(tensor).tiles)
+    # the blocks the GGML kernels run where the tiles do not: gguf's own bytes
+    assert np.array_equal(q8_0_blocks(weight).data, expected_blocks)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_float_weights_as_ggml_blocks_hold_what_the_tile_layers_hold(quant):
+    """Without AVX-512 a float weight asked to be int8 or int4 becomes Q8_0 or Q4_1 blocks; they decode to
+    the very values the tile layers (or PyTorch's forms of them) would hold, and multiply like them."""
+    generator = torch.Generator().manual_seed(9)
+    weight = torch.randn(40, 96, generator=generator) * 0.05
+    weight[2, :32] = 0.25  # a constant group: scale 0
+    if quant == "int8":
+        blocks = q8_0_blocks(weight, "w")
+        expected = Q8Linear.quantize(weight, backend="float", dtype=torch.float32).dequantized_weight()
+        assert blocks.nbytes == 40 * 3 * 34
+    else:
+        blocks = q4_1_blocks(weight, "w")
+        expected = Int4Linear.quantize(weight, backend="plain").dequantized_weight()
+        assert blocks.nbytes == 40 * 3 * 20
+    assert blocks.shape == (40, 96)
+    assert torch.equal(blocks.dequantize(), expected)
+    layer = GGMLLinear(blocks)
+    x = torch.randn(5, 96, generator=generator)
+    assert_close_to_reference(layer(x), x, expected, 1e-5)
+    if not (NATIVE_INT8 if quant == "int8" else NATIVE):
+        chosen = make_linear(weight, None, quant, torch.float32)
+        assert isinstance(chosen, GGMLLinear) and torch.equal(chosen.dequantized_weight(), expected)
+
+
+# Q8_0 and Q4_0 / Q4_1 repack into the AVX-512 tile layouts where those kernels build; elsewhere (an AVX2
+# CPU) they stay GGML blocks on the block kernels, exact either way.
+Q8_LAYER = Q8Linear if NATIVE_INT8 else GGMLLinear
+Q4_LAYER = Int4Linear if NATIVE else GGMLLinear
 
 
 @pytest.mark.parametrize(
     ("kind", "quant", "layer_type"),
     [
-        ("Q8_0", "int8", Q8Linear),
-        ("Q8_0", "int4", Q8Linear),  # never rounded down to 4 bits
+        ("Q8_0", "int8", Q8_LAYER),
+        ("Q8_0", "int4", Q8_LAYER),  # never rounded down to 4 bits
         ("Q8_0", "none", FloatLinear),
-        ("Q4_1", "int8", Int4Linear),  # exact as 4 bits; 8 would double the bytes for nothing
-        ("Q4_0", "int8", Int4Linear),
+        ("Q4_1", "int8", Q4_LAYER),  # exact as 4 bits; 8 would double the bytes for nothing
+        ("Q4_0", "int8", Q4_LAYER),
         ("Q5_0", "int8", GGMLLinear),  # other block types: run from their own bytes, never re-rounded
         ("Q5_1", "int4", GGMLLinear),
-        ("float", "int8", Q8Linear),
+        ("float", "int8", Q8_LAYER),
     ],
 )
 def test_make_linear_policy(kind, quant, layer_type):
@@ -442,30 +477,46 @@ def test_a_failed_native_build_falls_back_to_pytorch_kernels(monkeypatch, tmp_pa
     break_native_build(monkeypatch, tmp_path, native_int4.LIBRARY)
     assert native_int4.load() is None
     assert native_int4.LIBRARY.failure_reason
-    weight = torch.randn(64, 96) * 0.1
-    layer = make_linear(weight, None, "int4", torch.float32)
+    weight = torch.randn(64, 128) * 0.1
+    x = torch.randn(2, 128)
+    blocks = make_linear(
+        weight, None, "int4", torch.float32
+    )  # groups of 32: GGUF's Q4_1 on the block kernels
+    assert isinstance(blocks, GGMLLinear) and blocks.quant_type == "Q4_1"
+    assert_close_to_reference(blocks(x), x, blocks.dequantized_weight(), 1e-5)
+    layer = make_linear(weight, None, "int4", torch.float32, group_size=64)  # no block type: PyTorch's kernel
     assert layer.backend == "tinygemm"
-    x = torch.randn(2, 96)
     assert_close_to_reference(layer(x), x, layer.dequantized_weight(), BFLOAT16_RELATIVE)
 
 
-def test_without_the_native_int8_kernel_q8_falls_back_to_float_weights(monkeypatch, tmp_path, gguf_tensors):
+def test_without_the_native_int8_kernel_q8_runs_as_ggml_blocks(monkeypatch, tmp_path, gguf_tensors):
+    """No VNNI tiles (an AVX2 CPU, a failed build): a file's Q8_0 blocks run on the GGML block kernels as
+    stored, 1 byte a weight and exact, and a float weight asked to be int8 becomes such blocks."""
     break_native_build(monkeypatch, tmp_path, native_int8.LIBRARY)
     assert native_int8.load() is None
-    assert "build failed" in native_int8.LIBRARY.failure_reason
+    assert native_int8.LIBRARY.failure_reason
     tensor = first_rows(gguf_tensors["token_embd.weight"], 256)
     expected = reference_weight(tensor)
-    exact = make_linear(tensor, None, "int8", torch.float32)
-    assert isinstance(exact, Q8Linear) and exact.backend == "float"
-    assert torch.equal(exact.dequantized_weight(), expected)
-    assert torch.equal(exact.rows(torch.tensor([7, 255])), expected[[7, 255]])
     x = torch.randn(3, 576)
-    assert_close_to_reference(exact(x), x, expected, 1e-5)
-    rounded = make_linear(tensor, None, "int4", torch.bfloat16)  # still 8-bit blocks, held as bfloat16
-    assert isinstance(rounded, Q8Linear) and rounded.backend == "float"
-    assert rounded.nbytes == 256 * 576 * 2
+    for quant, dtype in (("int8", torch.float32), ("int4", torch.bfloat16)):  # never rounded below 8 bits
+        exact = make_linear(tensor, None, quant, dtype)
+        assert isinstance(exact, GGMLLinear) and exact.nbytes == tensor.nbytes
+        assert torch.equal(exact.dequantized_weight(), expected)
+        assert torch.equal(exact.rows(torch.tensor([7, 255])), expected[[7, 255]])
+        assert_close_to_reference(exact(x), x, expected, 1e-5)
+    weight = expected.clone()
+    from_float = make_linear(weight, None, "int8", torch.float32)  # rounded to Q8_0 blocks again
+    assert isinstance(from_float, GGMLLinear) and from_float.nbytes == tensor.nbytes
+    assert torch.equal(from_float.dequantized_weight(), expected)  # Q8_0 values quantize to themselves
+    # the float form (other devices): the weight in its dtype
+    float_form = Q8Linear.quantize(weight, dtype=torch.float32)
+    assert float_form.backend == "float"
+    assert torch.equal(float_form.dequantized_weight(), expected)
+    assert torch.equal(float_form.rows(torch.tensor([7])), expected[[7]])
+    assert_close_to_reference(float_form(x), x, expected, 1e-5)
+    rounded = Q8Linear.quantize(weight, dtype=torch.bfloat16)
+    assert rounded.backend == "float" and rounded.nbytes == 256 * 576 * 2
     assert torch.equal(rounded.rows(torch.tensor([7])), expected[[7]].bfloat16().float())
-    assert rounded.nbytes == 2 * 256 * 576 * 2  # the plain copy rows() needed
     assert_close_to_reference(rounded(x), x, expected, 3 * 2.0**-8)
 
 

@@ -37,6 +37,7 @@ def build_model(
     on_layer_built: Callable[[int, int], None] | None = None,
     decode_graphs: bool = True,
 ) -> Any:
+    from ember.native_build import cpu_multiplies_bfloat16
     from ember.quant.linear import make_linear
 
     model_class = MODEL_CLASSES.get(checkpoint.config.architecture)
@@ -47,9 +48,12 @@ def build_model(
         )
 
     # Low-bit layers expand their weight for many-row products (prefill); bfloat16 halves that
-    # traffic and doubles oneDNN's speed, and their decode kernels round activations at least as
-    # coarsely. Exact float weights ("none") keep the model dtype.
-    expand_dtype = torch.bfloat16 if quant != "none" and device.type == "cpu" else dtype
+    # traffic and doubles oneDNN's speed where the CPU multiplies bfloat16 itself, and their decode
+    # kernels round activations at least as coarsely. Without bfloat16 hardware float32 is both
+    # faster and exact. Exact float weights ("none") keep the model dtype.
+    expand_dtype = dtype
+    if quant != "none" and device.type == "cpu" and cpu_multiplies_bfloat16():
+        expand_dtype = torch.bfloat16
 
     def linear_factory(weights: list[Any], biases: list[torch.Tensor] | None) -> Any:
         return make_linear(weights, biases, quant=quant, dtype=expand_dtype, device=device)

@@ -94,18 +94,8 @@ class Int4Linear:
         dtype: torch.dtype = torch.bfloat16,
         backend: str | None = None,
     ) -> Int4Linear:
-        """Round a float weight to 4 bits: per group, minimum -> code 0 and maximum -> code 15."""
-        out_features, in_features = weight.shape
-        if in_features % group_size != 0:
-            raise ModelLoadError(f"in_features {in_features} is not a multiple of group size {group_size}")
-        groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, groups)
-        # float16 scales and minimums, as GGUF stores them, so every form holds them exactly
-        scales = ((high - low) / 15.0).to(torch.float16).float()
-        minimums = low.to(torch.float16).float()
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = torch.round((groups - minimums[..., None]) / safe[..., None]).clamp_(0, 15)
-        codes = codes.to(torch.uint8).reshape(out_features, in_features)
+        """Round a float weight to 4 bits (`round_to_4_bits`)."""
+        codes, scales, minimums = round_to_4_bits(weight, group_size)
         return cls(codes, scales, minimums, bias, group_size, dtype, backend)
 
     @property
@@ -175,6 +165,42 @@ class Int4Linear:
             weight = (codes.float() - 8.0) * scales_and_zeros[..., :1] + scales_and_zeros[..., 1:]
             return weight.reshape(self.out_features, self.in_features)
         return self._plain_weight(torch.float32)
+
+
+def round_to_4_bits(
+    weight: torch.Tensor, group_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float weight (out, in) as 4-bit groups: codes (out, in) uint8 0..15, scales and minimums (out,
+    groups) float32 holding float16 values; per group, minimum -> code 0 and maximum -> code 15."""
+    out_features, in_features = weight.shape
+    if in_features % group_size != 0:
+        raise ModelLoadError(f"in_features {in_features} is not a multiple of group size {group_size}")
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (out, groups)
+    # float16 scales and minimums, as GGUF stores them, so every form holds them exactly
+    scales = ((high - low) / 15.0).to(torch.float16).float()
+    minimums = low.to(torch.float16).float()
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((groups - minimums[..., None]) / safe[..., None]).clamp_(0, 15)
+    return codes.to(torch.uint8).reshape(out_features, in_features), scales, minimums
+
+
+def q4_1_blocks(weight: torch.Tensor, name: str = "") -> BlockQuantizedTensor:
+    """A float weight rounded to 4-bit groups of 32 and laid out as GGUF's Q4_1 blocks (float16 scale and
+    minimum, 16 bytes of nibbles), for the GGML block kernels where the AVX-512 tiles do not run."""
+    codes, scales, minimums = round_to_4_bits(weight, 32)
+    out_features, in_features = codes.shape
+    groups = in_features // 32
+    per_block = codes.reshape(out_features, groups, 32)
+    # element j of a block: low nibble of byte j (j < 16), high nibble of byte j - 16 (j >= 16)
+    nibbles = per_block[..., :16] | (per_block[..., 16:] << 4)
+    halves = [
+        field.to(torch.float16).reshape(out_features, groups, 1).view(torch.uint8)
+        for field in (scales, minimums)
+    ]
+    blocks = torch.cat((*halves, nibbles), dim=-1)  # (out, groups, 20)
+    data = blocks.reshape(out_features, groups * 20).numpy()
+    return BlockQuantizedTensor(name, "Q4_1", (out_features, in_features), data)
 
 
 def _block_fields(tensor: BlockQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

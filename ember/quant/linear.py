@@ -12,9 +12,14 @@ cores with PyTorch 2.13):
   PyTorch's `_weight_int4pack_mm_for_cpu`, which is only fast with bfloat16
   activations (float32 takes a scalar path 40x slower).
 - many rows (prefill): compute-bound; the weight is dequantized to `dtype`
-  (bfloat16 by default) for one oneDNN matrix product, 2-3x faster than the int
-  kernels. Float32 products go through oneDNN too: MKL's sgemm takes a slow path
-  on AMD CPUs (half of oneDNN's speed here).
+  for one oneDNN matrix product, 2-3x faster than the int kernels (the model
+  factory asks for bfloat16 only where the CPU multiplies it in hardware:
+  emulated, it is ~90x slower than float32 and rounds every output).
+  Float32 products go through oneDNN too: MKL's sgemm takes a slow path on
+  AMD CPUs (half of oneDNN's speed here).
+- no AVX-512 (the tile kernels do not build): Q8_0 and Q4_x blocks, and float
+  weights asked to be int8 or int4 (rounded to Q8_0 or Q4_1 blocks), run on
+  the GGML block kernels (AVX2 or portable), as small as the tiles would be.
 
 GGUF Q8_0, Q4_0 and Q4_1 blocks repack straight into these layouts (no float
 pass, no rounding); Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 run from their own bytes on
@@ -31,12 +36,18 @@ import numpy as np
 import torch
 
 from ember.errors import ModelLoadError
-from ember.quant import native_int4
+from ember.quant import native_int4, native_int8
 from ember.quant.float_linear import FloatLinear, Linear
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 from ember.quant.ggml_linear import GGML_KERNEL_TYPES, ConcatLinear, GGMLLinear
-from ember.quant.int4_linear import NATIVE_BATCH_ROWS, SMALL_BATCH_ROWS, Int4Linear, _block_fields
-from ember.quant.q8_linear import NATIVE_INT8_BATCH_ROWS, Q8Linear, _q8_0_fields
+from ember.quant.int4_linear import (
+    NATIVE_BATCH_ROWS,
+    SMALL_BATCH_ROWS,
+    Int4Linear,
+    _block_fields,
+    q4_1_blocks,
+)
+from ember.quant.q8_linear import NATIVE_INT8_BATCH_ROWS, Q8Linear, _q8_0_fields, q8_0_blocks
 
 QUANT_MODES = ("none", "int8", "int4")
 
@@ -110,6 +121,7 @@ def make_linear(
     |--------------------------------|--------------|--------------------|-------------------|
     | GGUF Q8_0 blocks               | float, exact | Q8Linear, exact    | Q8Linear, exact   |
     | GGUF Q4_0 / Q4_1 blocks        | float, exact | Int4Linear, exact  | Int4Linear, exact |
+    | either, no AVX-512 tile kernel | float, exact | GGMLLinear, exact  | GGMLLinear, exact |
     | GGUF Q4_K/Q5_K/Q6_K/Q5_0/Q5_1  | float, exact | GGMLLinear, exact  | GGMLLinear, exact |
     | float, or other block types    | float        | Q8Linear (rounded) | Int4Linear (rounded) |
 
@@ -139,6 +151,9 @@ def make_linear(
             return stored
     float_weight = weight.dequantize() if isinstance(weight, BlockQuantizedTensor) else weight
     float_weight = float_weight.to(device)
+    blocks = _as_ggml_blocks(float_weight, quant, group_size)
+    if blocks is not None:
+        return GGMLLinear(blocks, bias, dtype)
     if quant == "int4":
         return Int4Linear.quantize(float_weight, bias, group_size, dtype)
     if quant == "int8":
@@ -155,7 +170,7 @@ def _stored_form(
     Q4_0 / Q4_1 repack exactly into the AVX-512 tile kernels where those build; every other type
     (and those, on CPUs the tile kernels do not serve) runs on the GGML block kernels as stored.
     """
-    if weight.quant_type == "Q8_0":  # exact either way: the VNNI tiles, or float weights without them
+    if weight.quant_type == "Q8_0" and (device.type != "cpu" or native_int8.load() is not None):
         codes, scales = _q8_0_fields(weight)
         return Q8Linear(codes.to(device), scales.to(device), bias, dtype)
     if weight.quant_type in ("Q4_0", "Q4_1") and (device.type != "cpu" or native_int4.load() is not None):
@@ -163,6 +178,19 @@ def _stored_form(
         return Int4Linear(codes.to(device), scales.to(device), minimums.to(device), bias, 32, dtype)
     if weight.quant_type in GGML_KERNEL_TYPES and device.type == "cpu":
         return GGMLLinear(weight, bias, dtype)
+    return None
+
+
+def _as_ggml_blocks(weight: torch.Tensor, quant: str, group_size: int) -> BlockQuantizedTensor | None:
+    """On a CPU the tile kernels do not serve (no AVX-512), a float weight asked to be int8 or int4 (groups of
+    32) becomes GGUF Q8_0 or Q4_1 blocks for the GGML block kernels: the bytes the tiles would hold,
+    instead of a float copy for PyTorch. None where the tiles run, on another device, or for other groups."""
+    if weight.device.type != "cpu":
+        return None
+    if quant == "int8" and native_int8.load() is None:
+        return q8_0_blocks(weight)
+    if quant == "int4" and group_size == 32 and native_int4.load() is None:
+        return q4_1_blocks(weight)
     return None
 
 

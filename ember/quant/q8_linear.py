@@ -90,20 +90,9 @@ class Q8Linear:
         dtype: torch.dtype = torch.bfloat16,
         backend: str | None = None,
     ) -> Q8Linear:
-        """Round a float weight to Q8_0 as ggml does: max |w| of a group -> code 127, halves away from 0."""
-        out_features, in_features = weight.shape
-        if in_features % Q8_BLOCK != 0:
-            raise ModelLoadError(f"in_features {in_features} is not a multiple of the group size 32")
-        groups = weight.float().reshape(out_features, in_features // Q8_BLOCK, Q8_BLOCK)
-        # float32 step by step as ggml's quantize_row_q8_0_ref (and gguf.quants): the same codes, bit for bit
-        steps = groups.abs().amax(dim=-1, keepdim=True) / 127  # (out, groups, 1)
-        inverse = torch.where(steps == 0, torch.zeros_like(steps), 1 / steps)
-        scaled = groups * inverse
-        magnitude = scaled.abs()
-        floored = magnitude.floor()
-        rounded = torch.sign(scaled) * (floored + (2 * (magnitude - floored)).floor())
-        codes = rounded.to(torch.int8).reshape(out_features, in_features)
-        return cls(codes, steps[..., 0].to(torch.float16), bias, dtype, backend)
+        """Round a float weight to Q8_0 as ggml does (`round_to_q8_0`)."""
+        codes, steps = round_to_q8_0(weight)
+        return cls(codes, steps, bias, dtype, backend)
 
     @property
     def nbytes(self) -> int:
@@ -172,6 +161,41 @@ class Q8Linear:
             )
             return weight_t.T.contiguous()
         return self._float.dequantized_weight()
+
+
+def round_to_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight (out, in) as Q8_0: codes (out, in) int8 and float16 steps (out, in / 32), as ggml
+    rounds: max |w| of a group -> code 127, halves away from 0."""
+    out_features, in_features = weight.shape
+    if in_features % Q8_BLOCK != 0:
+        raise ModelLoadError(f"in_features {in_features} is not a multiple of the group size 32")
+    groups = weight.float().reshape(out_features, in_features // Q8_BLOCK, Q8_BLOCK)
+    # float32 step by step as ggml's quantize_row_q8_0_ref (and gguf.quants): the same codes, bit for bit
+    steps = groups.abs().amax(dim=-1, keepdim=True) / 127  # (out, groups, 1)
+    inverse = torch.where(steps == 0, torch.zeros_like(steps), 1 / steps)
+    scaled = groups * inverse
+    magnitude = scaled.abs()
+    floored = magnitude.floor()
+    rounded = torch.sign(scaled) * (floored + (2 * (magnitude - floored)).floor())
+    codes = rounded.to(torch.int8).reshape(out_features, in_features)
+    return codes, steps[..., 0].to(torch.float16)
+
+
+def q8_0_blocks(weight: torch.Tensor, name: str = "") -> BlockQuantizedTensor:
+    """A float weight rounded to Q8_0 and laid out as a GGUF file's blocks (a float16 step, 32 codes), for
+    the GGML block kernels where the VNNI tiles do not run."""
+    codes, steps = round_to_q8_0(weight)
+    out_features, in_features = codes.shape
+    groups = in_features // Q8_BLOCK
+    blocks = torch.cat(
+        (
+            steps.reshape(out_features, groups, 1).view(torch.uint8),
+            codes.view(torch.uint8).reshape(out_features, groups, Q8_BLOCK),
+        ),
+        dim=-1,
+    )  # (out, groups, 34)
+    data = blocks.reshape(out_features, groups * (2 + Q8_BLOCK)).numpy()
+    return BlockQuantizedTensor(name, "Q8_0", (out_features, in_features), data)
 
 
 def _q8_0_fields(tensor: BlockQuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
