@@ -3,7 +3,11 @@
 RWKV-4 169M-shaped, RWKV-6 and RWKV-7 0.1B-shaped checkpoints, written once per
 session by a seeded helper; the package runs in a subprocess per model (its
 v7 switch is read at import). Logits must agree within 1e-3 at every position
-of a 64-token prompt (read in sequence mode) and for 16 greedily decoded tokens.
+of a 64-token prompt (read in sequence mode) and for 16 greedily decoded tokens;
+for the prompt, ember's float64 run is held to that bound and its float32 run
+to twice it (random weights leave some heads near-constant, and their group norm
+magnifies float32 rounding: ember's float32 run is 1.2e-3 from its float64 run
+on an AVX2 machine, the package's 2e-4).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def test_logits_match_the_rwkv_package(rwkv_pth_folder, version):
     prompt = _prompt(checkpoint.config.vocab_size)
     reference = run_rwkv_package(path, version, prompt, DECODE_STEPS, rwkv_pth_folder / f"ref-v{version}.npz")
 
+    exact = _prompt_logits_in_float64(checkpoint, prompt)
+    assert np.abs(exact - reference["prompt_logits"]).max() < 1e-3
     model = RWKVModel(checkpoint.config, checkpoint.tensors, lambda w, b: make_linear(w, b, quant="none"))
     pool = model.new_cache()
     entry = pool.acquire()
@@ -57,7 +63,7 @@ def test_logits_match_the_rwkv_package(rwkv_pth_folder, version):
         ForwardBatch(torch.tensor([prompt]), [0], [entry.slot], all_logits=True), pool
     )
     entry.token_ids.extend(prompt)
-    assert np.abs(prompt_logits[0].numpy() - reference["prompt_logits"]).max() < 1e-3
+    assert np.abs(prompt_logits[0].numpy() - reference["prompt_logits"]).max() < 2e-3
     decoded = []
     for token in reference["tokens"].tolist():
         batch = ForwardBatch(torch.tensor([[token]]), [len(entry.token_ids)], [entry.slot])
@@ -66,6 +72,21 @@ def test_logits_match_the_rwkv_package(rwkv_pth_folder, version):
     assert np.abs(torch.stack(decoded).numpy() - reference["decode_logits"]).max() < 1e-3
     # the greedy continuation is ours too
     assert int(torch.argmax(prompt_logits[0, -1])) == reference["tokens"][0]
+
+
+def _prompt_logits_in_float64(checkpoint, prompt: list[int]) -> np.ndarray:
+    """ember's prompt logits with every weight and activation in float64: the math without its rounding."""
+    tensors = {
+        name: value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for name, value in checkpoint.tensors.items()
+    }
+    model = RWKVModel(
+        checkpoint.config, tensors, lambda w, b: make_linear(w, b, quant="none", dtype=torch.float64)
+    )
+    pool = model.new_cache()
+    entry = pool.acquire()
+    batch = ForwardBatch(torch.tensor([prompt]), [0], [entry.slot], all_logits=True)
+    return model.forward(batch, pool)[0].numpy()
 
 
 @pytest.mark.slow  # a package subprocess per version (torch import and its JIT)
