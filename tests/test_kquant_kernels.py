@@ -14,7 +14,10 @@ from ember.quant.ggml_dequant import BLOCK_SIZES
 from ember.quant.ggml_linear import ConcatLinear, GGMLLinear
 
 # byte offsets of each type's fp16 scale fields: random bytes elsewhere, finite scales here
-HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1": (0, 2)}
+HALF_FIELDS = {
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1": (0, 2),
+    "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2),  # on these kernels where the AVX-512 tiles do not build
+}  # fmt: skip
 
 
 def random_blocks(quant_type: str, out_features: int, in_features: int, seed: int) -> np.ndarray:
