@@ -99,16 +99,16 @@ def cpu_multiplies_bfloat16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-@functools.cache
-def _cpu_flags() -> set[str]:
+@functools.cache  # read once per process: the CPU does not change under it
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _cache_folder() -> Path:
@@ -116,7 +116,7 @@ def _cache_folder() -> Path:
     return Path(base) / "ember" / "kernels"
 
 
-def _build(source: str, name: str, flags: set[str]) -> Path:
+def _build(source: str, name: str, flags: frozenset[str]) -> Path:
     """Compile `source` into the cache (once per source, flags and CPU), atomically."""
     key = hashlib.sha256(
         "\n".join([source, " ".join(COMPILE_FLAGS), " ".join(sorted(flags))]).encode()
