@@ -31,6 +31,7 @@ policy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -170,10 +171,10 @@ def _stored_form(
     Q4_0 / Q4_1 repack exactly into the AVX-512 tile kernels where those build; every other type
     (and those, on CPUs the tile kernels do not serve) runs on the GGML block kernels as stored.
     """
-    if weight.quant_type == "Q8_0" and (device.type != "cpu" or native_int8.load() is not None):
+    if weight.quant_type == "Q8_0" and _tiles_serve(native_int8, device):
         codes, scales = _q8_0_fields(weight)
         return Q8Linear(codes.to(device), scales.to(device), bias, dtype)
-    if weight.quant_type in ("Q4_0", "Q4_1") and (device.type != "cpu" or native_int4.load() is not None):
+    if weight.quant_type in ("Q4_0", "Q4_1") and _tiles_serve(native_int4, device):
         codes, scales, minimums = _block_fields(weight)
         return Int4Linear(codes.to(device), scales.to(device), minimums.to(device), bias, 32, dtype)
     if weight.quant_type in GGML_KERNEL_TYPES and device.type == "cpu":
@@ -185,13 +186,17 @@ def _as_ggml_blocks(weight: torch.Tensor, quant: str, group_size: int) -> BlockQ
     """On a CPU the tile kernels do not serve (no AVX-512), a float weight asked to be int8 or int4 (groups of
     32) becomes GGUF Q8_0 or Q4_1 blocks for the GGML block kernels: the bytes the tiles would hold,
     instead of a float copy for PyTorch. None where the tiles run, on another device, or for other groups."""
-    if weight.device.type != "cpu":
-        return None
-    if quant == "int8" and native_int8.load() is None:
+    if quant == "int8" and not _tiles_serve(native_int8, weight.device):
         return q8_0_blocks(weight)
-    if quant == "int4" and group_size == 32 and native_int4.load() is None:
+    if quant == "int4" and group_size == 32 and not _tiles_serve(native_int4, weight.device):
         return q4_1_blocks(weight)
     return None
+
+
+def _tiles_serve(kernel: ModuleType, device: torch.device) -> bool:
+    """Whether the tile layer of `kernel` (native_int8 or native_int4) takes weights on `device`: on other
+    devices it always does (its PyTorch forms); on the CPU only where its AVX-512 kernel builds."""
+    return device.type != "cpu" or kernel.load() is not None
 
 
 def _mixed_block_types(weights: Sequence[WeightSource], device: torch.device) -> bool:
