@@ -200,6 +200,45 @@ def test_mask_covers_padding_rows_and_follows_accepted_tokens(story):
     assert set(torch.nonzero(end)[:, 0].tolist()) <= set(tokenizer.eos_token_ids)
 
 
+def test_a_batch_prepared_mask_is_the_mask_each_row_computes_alone(story):
+    """`prepare_masks` (one llguidance call for the batch) changes no row's mask, at every position
+    of different constraints; a row in error still raises its own error, and the others go on."""
+    from ember.constraints.grammar_constraint import GrammarConstraint
+
+    tokenizer = story.tokenizer
+    padded = tokenizer.vocab_size + 5
+    options = [{"regex": "[0-9]{2,6}"}, {"choice": ["happy", "a little sleepy"]}, {"regex": "[a-z ]{3,12}"}]
+    alone = [constraint_from_options(tokenizer, **option) for option in options]
+    batched = [constraint_from_options(tokenizer, **option) for option in options]
+    generator = torch.Generator().manual_seed(0)
+    compared = 0
+    for _ in range(16):
+        live = [row for row in range(len(options)) if not alone[row].is_complete]
+        if not live:
+            break
+        GrammarConstraint.prepare_masks([batched[row] for row in live])
+        for row in live:
+            expected = alone[row].allowed_token_mask(padded)
+            assert torch.equal(batched[row].allowed_token_mask(padded), expected)
+            assert not expected[tokenizer.vocab_size :].any()
+            allowed = torch.nonzero(expected)[:, 0]
+            token_id = int(allowed[torch.randint(len(allowed), (1,), generator=generator)])
+            alone[row].accept_token(token_id)
+            batched[row].accept_token(token_id)
+            compared += 1
+    assert compared >= 3 * 3
+
+    broken, fine = (constraint_from_options(tokenizer, regex="[0-9]+") for _ in range(2))
+    letter = tokenizer.encode("hello", add_special_tokens=False)[0]
+    with pytest.raises(ConstraintViolationError):
+        broken.accept_token(letter)
+    GrammarConstraint.prepare_masks([broken, fine])
+    with pytest.raises(ConstraintViolationError, match="the regex constraint failed"):
+        broken.allowed_token_mask(padded)
+    digit = tokenizer.encode("7", add_special_tokens=False)[-1]
+    assert fine.allowed_token_mask(padded)[digit]
+
+
 def test_a_token_outside_the_mask_is_refused(story):
     constraint = constraint_from_options(story.tokenizer, regex="[0-9]+")
     letter = story.tokenizer.encode("hello", add_special_tokens=False)[0]

@@ -36,7 +36,13 @@ from ember.cache import CacheEntry, CacheEntryBusyError, CacheFullError, KVCache
 from ember.engine.detokenizer import StreamingDetokenizer
 from ember.engine.sequence import FailureKind, GenerationRequest, Sequence, SequenceStatus, StepOutput
 from ember.engine.stop_strings import end_marker_stop_strings
-from ember.engine.token_choice import TokenChoice, choose_token, failure_kind, greedy_batch_allowed
+from ember.engine.token_choice import (
+    TokenChoice,
+    choose_token,
+    failure_kind,
+    greedy_batch_allowed,
+    prepare_constraint_masks,
+)
 from ember.errors import ContextOverflowError, InvalidRequestError
 from ember.models.batch import ForwardBatch
 from ember.sampling import Sampler
@@ -391,6 +397,7 @@ class Engine:
         logits = logits[:, : self.vocab_size]
         # One pass over the batch finds the invalid rows (each row's own check is 3 vocab-wide passes).
         valid = (torch.isfinite(logits).any(dim=-1) & ~torch.isnan(logits).any(dim=-1)).tolist()
+        prepare_constraint_masks(sequences)
         for sequence, row, row_valid in zip(sequences, logits, valid):
             outputs.append(self._choose_and_accept(sequence, row, checked=row_valid))
 

@@ -34,7 +34,13 @@ class TokenConstraint(Protocol):
     """
 
     def allowed_token_mask(self, vocab_size: int) -> torch.Tensor | None:
-        """A bool tensor (vocab_size,) of the tokens allowed next, or None when any token is."""
+        """A bool tensor (vocab_size,) of the tokens allowed next, or None when any token is;
+        raises ConstraintViolationError when none is.
+
+        A constraint class may also offer `prepare_masks(constraints)`, a static method the
+        engine calls with a batch's constraints of that class before asking each for its mask
+        (token_choice.prepare_constraint_masks): one call for the batch instead of one per row.
+        """
         ...
 
     def accept_token(self, token_id: int) -> None:
