@@ -13,7 +13,10 @@ A projection takes part through its `native_kernel()`: the address of a C
 function with the tile kernels' signature `(x, rows, columns, weight,
 out_features, y, threads)`, the weight's address, and the most rows the kernel
 serves. A model whose projections do not all have one (a bias, a weight form
-without a native kernel) keeps the per-layer loop.
+without a native kernel) keeps the per-layer loop. A q/k/v projection that
+norms each query and key head after it (Qwen3's `QKNormedProjection`) takes
+part through `head_norms()`: its inner projection, the two norm weights and
+their epsilon, which must be the layers' own.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class NativeDecodeLayers:
         keep_alive: list[Any],
     ):
         self._function = library.ember_decode_layers
-        self._table = table  # (layers, 18) int64: the C struct DecodeLayer per layer
+        self._table = table  # (layers, 20) int64: the C struct DecodeLayer per layer
         # hidden, (heads + 2 * kv_heads) * head_dim, heads * head_dim, intermediate: every layer's, checked
         self.hidden_size, self._qkv_size, self._q_size, self._intermediate_size = sizes
         self._final_norm, self._eps = final_norm, eps
@@ -88,6 +91,14 @@ class NativeDecodeLayers:
                 return None
             row = [layer.input_norm.data_ptr(), layer.post_attention_norm.data_ptr()]
             keep_alive += [layer.input_norm, layer.post_attention_norm]
+            head_norms = [0, 0]  # q and k norm addresses, 0: none
+            if hasattr(layer.qkv_proj, "head_norms"):
+                inner, query_norm, key_norm, norm_eps = layer.qkv_proj.head_norms()
+                if norm_eps != eps:
+                    return None
+                projections = (inner, *projections[1:])
+                head_norms = [query_norm.data_ptr(), key_norm.data_ptr()]
+                keep_alive += [query_norm, key_norm]
             for projection in projections:
                 native = getattr(projection, "native_kernel", lambda: None)()
                 if native is None:
@@ -96,7 +107,7 @@ class NativeDecodeLayers:
                 row += [kernel, weight.data_ptr(), projection.in_features, projection.out_features]
                 keep_alive.append(weight)
                 max_rows = kernel_rows if max_rows is None else min(max_rows, kernel_rows)
-            rows.append(row)
+            rows.append(row + head_norms)
         sizes = (hidden, qkv_size, q_size, intermediate)
         table = torch.tensor(rows, dtype=torch.int64)
         return cls(library, table, sizes, final_norm, eps, max_rows, keep_alive)

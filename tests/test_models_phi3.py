@@ -66,3 +66,39 @@ def test_phi3_longrope_long_factors_past_the_original_length(tmp_path, length):
     expected = reference_logits(reference_model(folder), tokens)
     ours = ember.load(folder).logits(tokens)
     assert (ours - expected).abs().max().item() < 1e-4
+
+
+def _cached_reference_logits(reference, token_ids: list[int], prefill: int) -> torch.Tensor:
+    """transformers' logits with its own cache: the prompt in one call, then one call per token
+    (each call picks its LongRoPE factors from its own length, as `generate` does)."""
+    with torch.no_grad():
+        output = reference(torch.tensor([token_ids[:prefill]]), use_cache=True)
+        rows, past = [output.logits[0]], output.past_key_values
+        for position in range(prefill, len(token_ids)):
+            output = reference(torch.tensor([[token_ids[position]]]), cache=past, use_cache=True)
+            rows.append(output.logits[0])
+            past = output.past_key_values
+    return torch.cat(rows)
+
+
+def test_phi3_longrope_cached_decode_across_the_original_length(tmp_path):
+    """A prompt within `original_max_position_embeddings` (16), then cached decode to 40: the keys
+    already in the cache keep their short-factor rotations, the calls past 16 rotate with the long
+    factors, exactly as transformers' own cached decode does."""
+    from tests.models_support import prefill_then_decode_logits
+
+    folder = make_tiny_model(
+        tmp_path,
+        "Phi3Config",
+        max_position_embeddings=128,
+        original_max_position_embeddings=16,
+        rope_parameters=_longrope(16),
+    )
+    tokens = random_tokens(40, seed=7)
+    reference = reference_model(folder)
+    expected = _cached_reference_logits(reference, tokens, prefill=10)
+    uncached = reference_logits(reference, tokens)
+    assert (expected[20:] - uncached[20:]).abs().max().item() > 1e-3  # the boundary changes the answer
+    ours = prefill_then_decode_logits(ember.load(folder), tokens, prefill=10)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max().item() < 1e-4

@@ -15,8 +15,26 @@ def test_qwen3_matches_transformers(tmp_path, tied):
     folder = make_tiny_model(tmp_path, "Qwen3Config", head_dim=32, tie_word_embeddings=tied)
     handle = ember.load(folder)
     assert handle.config.architecture == "qwen3" and handle.config.head_dim == 32
-    assert handle.model.native_layers is None  # the one-call native decode would skip the q/k norms
-    check_against_transformers(folder, handle)
+    check_against_transformers(folder, handle)  # the one-call native decode too, where it builds
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_qwen3_one_native_call_norms_the_heads_like_the_per_layer_loop(tmp_path, quant):
+    """The one-call native decode runs Qwen3's q/k norms in C (its projections' kernels are called
+    from C, past the Python wrapper): its cached-decode logits equal the per-layer loop's, which
+    runs the wrapper, within float32 rounding."""
+    from tests.models_support import prefill_then_decode_logits
+
+    folder = make_tiny_model(tmp_path, "Qwen3Config", head_dim=32)
+    handle = ember.load(folder, quant=quant)
+    if handle.model.native_layers is None:
+        pytest.skip("no native kernel for these projections here")
+    tokens = random_tokens(30, seed=5)
+    one_call = prefill_then_decode_logits(handle, tokens, prefill=6)
+    handle.model.native_layers = None
+    per_layer = prefill_then_decode_logits(handle, tokens, prefill=6)
+    assert per_layer.std() > 0.1
+    assert (one_call - per_layer).abs().max().item() < 1e-5
 
 
 def test_qwen3_norms_matter(tmp_path):

@@ -5,9 +5,9 @@ untied output) is Llama's, so `Qwen3Model` is a `LlamaModel` whose fused q/k/v
 projection is wrapped in `QKNormedProjection`: the wrapper returns q and k
 already normed, and every path of the Llama forward (PyTorch prefill, the
 per-layer native decode loop, CUDA graphs) calls `layer.qkv_proj` and so runs
-the norms. The one path that does not is the one-call native decode
-(`NativeDecodeLayers`), which calls the projection's kernel directly from C:
-it is turned off for this model.
+the norms. The one-call native decode (`NativeDecodeLayers`) calls the
+projection's kernel directly from C, so it reads the wrapper's `head_norms()`
+and norms the heads itself (native_decode.cpp).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ember import ops
 from ember.config import ModelConfig
 from ember.errors import ModelLoadError
 from ember.models.llama import LinearFactory, LlamaModel, Weight, _as_float
+from ember.native_decode import NativeDecodeLayers
 
 
 class QKNormedProjection:
@@ -59,6 +60,10 @@ class QKNormedProjection:
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.projection.dequantized_weight()
+
+    def head_norms(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor, float]:
+        """(inner projection, q norm, k norm, eps), for the one-call native decode to run the norms."""
+        return self.projection, self.query_norm, self.key_norm, self.eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., (heads + 2 * kv_heads) * head_dim) with q and k normed per head."""
@@ -124,5 +129,7 @@ class Qwen3Model(LlamaModel):
                 config.num_kv_heads,
                 config.rms_norm_eps,
             )
-        # The one-call native decode runs the q/k/v kernel from C, which would skip the norms.
-        self.native_layers = None
+        if self.native_layers is not None:  # built before the wrappers: again, with the head norms
+            self.native_layers = NativeDecodeLayers.build(
+                self._native_ops, self.layers, self.final_norm, config.rms_norm_eps
+            )
