@@ -9,6 +9,7 @@ import ember
 from tests.models_support import (
     check_against_transformers,
     make_tiny_model,
+    prefill_then_decode_logits,
     random_tokens,
     reference_logits,
     reference_model,
@@ -22,6 +23,17 @@ def _longrope(original: int) -> dict:
     short = (1.0 + torch.rand(HEAD_DIM // 2, generator=generator)).tolist()
     long = (1.0 + 4 * torch.rand(HEAD_DIM // 2, generator=generator)).tolist()
     return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long}
+
+
+def _longrope_model(tmp_path, original: int, max_positions: int):
+    """A tiny Phi-3 with LongRoPE: pretrained for `original` positions, stretched to `max_positions`."""
+    return make_tiny_model(
+        tmp_path,
+        "Phi3Config",
+        max_position_embeddings=max_positions,
+        original_max_position_embeddings=original,
+        rope_parameters=_longrope(original),
+    )
 
 
 def test_phi3_matches_transformers(tmp_path):
@@ -40,13 +52,7 @@ def test_phi3_sliding_window_matches_transformers(tmp_path):
 
 def test_phi3_longrope_short_context_matches_transformers(tmp_path):
     """Within the pretrained length: short factors and the attention factor, prefill and cached decode."""
-    folder = make_tiny_model(
-        tmp_path,
-        "Phi3Config",
-        max_position_embeddings=256,
-        original_max_position_embeddings=64,
-        rope_parameters=_longrope(64),
-    )
+    folder = _longrope_model(tmp_path, original=64, max_positions=256)
     handle = ember.load(folder)
     assert handle.config.rope_scaling["rope_type"] == "longrope"
     check_against_transformers(folder, handle)
@@ -55,13 +61,7 @@ def test_phi3_longrope_short_context_matches_transformers(tmp_path):
 @pytest.mark.parametrize("length", [24, 40])
 def test_phi3_longrope_long_factors_past_the_original_length(tmp_path, length):
     """A forward call whose sequence passes `original_max_position_embeddings` (16) uses the long factors."""
-    folder = make_tiny_model(
-        tmp_path,
-        "Phi3Config",
-        max_position_embeddings=128,
-        original_max_position_embeddings=16,
-        rope_parameters=_longrope(16),
-    )
+    folder = _longrope_model(tmp_path, original=16, max_positions=128)
     tokens = random_tokens(length, seed=6)
     expected = reference_logits(reference_model(folder), tokens)
     ours = ember.load(folder).logits(tokens)
@@ -85,15 +85,7 @@ def test_phi3_longrope_cached_decode_across_the_original_length(tmp_path):
     """A prompt within `original_max_position_embeddings` (16), then cached decode to 40: the keys
     already in the cache keep their short-factor rotations, the calls past 16 rotate with the long
     factors, exactly as transformers' own cached decode does."""
-    from tests.models_support import prefill_then_decode_logits
-
-    folder = make_tiny_model(
-        tmp_path,
-        "Phi3Config",
-        max_position_embeddings=128,
-        original_max_position_embeddings=16,
-        rope_parameters=_longrope(16),
-    )
+    folder = _longrope_model(tmp_path, original=16, max_positions=128)
     tokens = random_tokens(40, seed=7)
     reference = reference_model(folder)
     expected = _cached_reference_logits(reference, tokens, prefill=10)

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 import ember
-from tests.models_support import check_against_transformers, make_tiny_model, random_tokens
+from tests.models_support import (
+    check_against_transformers,
+    make_tiny_model,
+    prefill_then_decode_logits,
+    random_tokens,
+)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -23,8 +28,6 @@ def test_qwen3_one_native_call_norms_the_heads_like_the_per_layer_loop(tmp_path,
     """The one-call native decode runs Qwen3's q/k norms in C (its projections' kernels are called
     from C, past the Python wrapper): its cached-decode logits equal the per-layer loop's, which
     runs the wrapper, within float32 rounding."""
-    from tests.models_support import prefill_then_decode_logits
-
     folder = make_tiny_model(tmp_path, "Qwen3Config", head_dim=32)
     handle = ember.load(folder, quant=quant)
     if handle.model.native_layers is None:
