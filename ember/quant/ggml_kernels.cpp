@@ -254,32 +254,17 @@ inline void expand_q8_0(const uint8_t* block, float* y) {
 #endif
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-// 16 codes (one byte each, 0..15) -> 16 floats d * q + m, or d * (q - 8) without a minimum. d * q is exact
-// in float32 (an 11-bit half times a 4-bit code), so the fused form rounds as the scalar one does.
-template <bool kWithMinimum>
-inline void store_q4_codes(__m128i codes, __m256 d, __m256 m, float* y) {
-    const __m128i upper = _mm_srli_si128(codes, 8);
-    const __m256 q[2] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)),
-                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(upper))};
-    for (int h = 0; h < 2; h++) {
-        const __m256 value = kWithMinimum ? _mm256_fmadd_ps(q[h], d, m)
-                                          : _mm256_mul_ps(_mm256_sub_ps(q[h], _mm256_set1_ps(8.0f)), d);
-        _mm256_storeu_ps(y + 8 * h, value);
-    }
-}
-#endif
-
 template <bool kWithMinimum>
 inline void expand_q4(const uint8_t* block, float* y) {
     const float d = half_to_float(block);
     const float m = kWithMinimum ? half_to_float(block + 2) : 0.0f;
     const uint8_t* q = block + (kWithMinimum ? 4 : 2);
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(EMBER_BYTE_VECTORS)
+    // d * q + m as d * q - (-m), and d * (q - 8) as d * q - 8d: d * q and 8d are exact in float32 (an
+    // 11-bit half times a code of at most 4 bits), so the one rounding gives the scalar values.
     const __m128i bytes = _mm_loadu_si128((const __m128i*)q), low4 = _mm_set1_epi8(0x0F);
-    const __m256 scale = _mm256_set1_ps(d), minimum = _mm256_set1_ps(m);
-    store_q4_codes<kWithMinimum>(_mm_and_si128(bytes, low4), scale, minimum, y);  // values 0..15: low nibbles
-    store_q4_codes<kWithMinimum>(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), scale, minimum, y + 16);
+    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+    store_32(y, codes, d, kWithMinimum ? -m : 8.0f * d);  // values 0..15: low nibbles, 16..31: high
 #else
     for (int l = 0; l < 16; l++) {
         if (kWithMinimum) {
