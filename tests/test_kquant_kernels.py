@@ -9,9 +9,10 @@ import torch
 from gguf.quants import dequantize as gguf_dequantize
 
 from ember.errors import ModelLoadError
+from ember.quant import native_ggml
 from ember.quant.ggml_blocks import BlockQuantizedTensor
 from ember.quant.ggml_dequant import BLOCK_SIZES
-from ember.quant.ggml_linear import ConcatLinear, GGMLLinear
+from ember.quant.ggml_linear import NATIVE_GGML_ROWS, ConcatLinear, GGMLLinear
 
 # byte offsets of each type's fp16 scale fields: random bytes elsewhere, finite scales here
 HALF_FIELDS = {
@@ -46,6 +47,46 @@ def test_product_matches_gguf_dequantize_in_float64(quant_type, rows):
     # float32 rounding of a length-K sum: K * 2^-24 * sum |x| |w| bounds it
     bound = in_features * 2.0**-24 * (np.abs(x.double().numpy()) @ np.abs(weight).T)
     assert (np.abs(layer(x).double().numpy() - expected) <= bound).all()
+
+
+LANE_TYPES = ["Q4_0", "Q4_1", "Q4_K"]
+
+
+@pytest.mark.parametrize("quant_type", LANE_TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 32, 70])
+def test_lane_layout_holds_the_same_values_and_products(quant_type, rows):
+    """The 4-bit lane layout rearranges codes, never values: its expansion equals gguf's dequantize
+    element by element, and its products (decode rows and expanded prefill chunks) meet the same float64
+    bound as the blocks' own kernel."""
+    if native_ggml.load() is None:
+        pytest.skip("the GGML block kernels did not build here")
+    values = BLOCK_SIZES[quant_type][0]
+    out_features, in_features = 37, 3 * values if values == 256 else 10 * values
+    data = random_blocks(quant_type, out_features, in_features, seed=100 + rows)
+    weight = gguf_dequantize(data, getattr(gguf.GGMLQuantizationType, quant_type)).astype(np.float64)
+    weight = weight.reshape(out_features, in_features)
+    tensor = BlockQuantizedTensor("w", quant_type, (out_features, in_features), data)
+    lanes, blocks = GGMLLinear(tensor, lanes=True), GGMLLinear(tensor, lanes=False)
+    assert lanes.kernel == native_ggml.LANES4 and "4-bit lanes" in lanes.kernel_name
+    assert np.array_equal(lanes.dequantized_weight().numpy(), weight.astype(np.float32))
+    ids = torch.tensor([[5, 0], [36, 5]])
+    assert torch.equal(lanes.rows(ids), blocks.rows(ids))
+    x = torch.randn(rows, in_features)
+    expected = x.double().numpy() @ weight.T
+    bound = in_features * 2.0**-24 * (np.abs(x.double().numpy()) @ np.abs(weight).T)
+    assert (np.abs(lanes(x).double().numpy() - expected) <= bound).all()
+    if rows <= NATIVE_GGML_ROWS:  # decode rows: a row's product does not depend on the others in the call
+        assert torch.equal(lanes(x)[-1:], lanes(x[-1:]))
+
+
+def test_lane_layout_only_where_rows_hold_whole_records():
+    data = random_blocks("Q4_1", 4, 96, 7)  # 96 values: one record and a half
+    tensor = BlockQuantizedTensor("w", "Q4_1", (4, 96), data)
+    assert GGMLLinear(tensor).kernel == "Q4_1"
+    with pytest.raises(ValueError, match="no lane layout"):
+        GGMLLinear(tensor, lanes=True)
+    q5 = BlockQuantizedTensor("w", "Q5_0", (4, 64), random_blocks("Q5_0", 4, 64, 8))
+    assert GGMLLinear(q5).kernel == "Q5_0"
 
 
 def test_mixed_types_fuse_side_by_side():

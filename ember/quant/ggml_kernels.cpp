@@ -23,7 +23,7 @@
 
 namespace {
 
-enum BlockType { kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7 };
+enum BlockType { kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7, kLanes4 = 8 };
 
 inline float half_to_float(const uint8_t* bytes) {
     uint16_t h;
@@ -278,6 +278,57 @@ inline void expand_q4(const uint8_t* block, float* y) {
 #endif
 }
 
+// ---- the 4-bit lane layout: Q4_0, Q4_1 and Q4_K codes rearranged at load (nibble_lanes.py) ----
+//
+// 64 values in a 48-byte record: float32 scale_a, offset_a, scale_b, offset_b, then 8 little-endian
+// 32-bit words where nibble j of word l is the code of value 8j + l. Values 0..31 are scale_a * code -
+// offset_a, values 32..63 the same with _b: a shift and a mask put 8 codes in 8 lanes, with no byte
+// shuffles. Every source type's value is this one rounding of exact terms (Q4_0: d * q - 8d; Q4_1: d *
+// q - (-m); Q4_K: (d * scale) * q - dmin * min), so the values equal the source blocks' expansions.
+constexpr int kLaneRecordBytes = 48;
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define EMBER_LANES4_VECTORS 1
+inline float horizontal_sum(__m256 v) {
+    __m128 folded = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    folded = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
+    folded = _mm_add_ss(folded, _mm_movehdup_ps(folded));
+    return _mm_cvtss_f32(folded);
+}
+
+// The 8 values of slot J (values 8J..8J+7) of a record whose code words are `words`.
+template <int J>
+inline __m256 lane_values(__m256i words, __m256 scale, __m256 offset) {
+    const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(words, 4 * J), _mm256_set1_epi32(0x0F));
+    return _mm256_fmsub_ps(_mm256_cvtepi32_ps(codes), scale, offset);
+}
+#endif
+
+inline void expand_lanes4(const uint8_t* record, float* y) {
+    float fields[4];
+    std::memcpy(fields, record, sizeof(fields));
+#if defined(EMBER_LANES4_VECTORS)
+    const __m256i words = _mm256_loadu_si256((const __m256i*)(record + 16));
+    const __m256 scale_a = _mm256_set1_ps(fields[0]), offset_a = _mm256_set1_ps(fields[1]);
+    const __m256 scale_b = _mm256_set1_ps(fields[2]), offset_b = _mm256_set1_ps(fields[3]);
+    _mm256_storeu_ps(y, lane_values<0>(words, scale_a, offset_a));
+    _mm256_storeu_ps(y + 8, lane_values<1>(words, scale_a, offset_a));
+    _mm256_storeu_ps(y + 16, lane_values<2>(words, scale_a, offset_a));
+    _mm256_storeu_ps(y + 24, lane_values<3>(words, scale_a, offset_a));
+    _mm256_storeu_ps(y + 32, lane_values<4>(words, scale_b, offset_b));
+    _mm256_storeu_ps(y + 40, lane_values<5>(words, scale_b, offset_b));
+    _mm256_storeu_ps(y + 48, lane_values<6>(words, scale_b, offset_b));
+    _mm256_storeu_ps(y + 56, lane_values<7>(words, scale_b, offset_b));
+#else
+    uint32_t words[8];
+    std::memcpy(words, record + 16, sizeof(words));
+    for (int j = 0; j < 8; j++) {
+        const float scale = fields[j < 4 ? 0 : 2], offset = fields[j < 4 ? 1 : 3];
+        for (int l = 0; l < 8; l++) y[8 * j + l] = scale * (float)((words[l] >> (4 * j)) & 0x0F) - offset;
+    }
+#endif
+}
+
 struct Format {
     int values, bytes;  // per block
     void (*expand)(const uint8_t*, float*);
@@ -286,6 +337,7 @@ struct Format {
 constexpr Format kFormats[] = {
     {256, 144, expand_q4_k}, {256, 176, expand_q5_k}, {256, 210, expand_q6_k}, {32, 22, expand_q5<false>},
     {32, 24, expand_q5<true>}, {32, 34, expand_q8_0}, {32, 18, expand_q4<false>}, {32, 20, expand_q4<true>},
+    {64, kLaneRecordBytes, expand_lanes4},
 };
 
 // Row n of W (columns values) into out.
@@ -379,13 +431,6 @@ inline void block_codes(const uint8_t* block, __m256 codes[4]) {
     }
 }
 
-inline float horizontal_sum(__m256 v) {
-    __m128 folded = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    folded = _mm_add_ps(folded, _mm_movehl_ps(folded, folded));
-    folded = _mm_add_ss(folded, _mm_movehdup_ps(folded));
-    return _mm_cvtss_f32(folded);
-}
-
 // The dots of rows first..first+count-1 (count <= kTile) with one activation row x: each x load feeds
 // kTile rows, which pays where decoding the codes costs more than reading them (Q5_0, Q4_0).
 template <int kType>
@@ -435,6 +480,64 @@ inline float fused_row_dot(const uint8_t* row, const float* x, int64_t blocks) {
 }
 #endif
 
+#if defined(EMBER_LANES4_VECTORS)
+// The products of R activation rows (stride columns) with one lane-layout weight row: each slot's 8
+// values are made once in a register and meet every activation row there. Each row alternates two
+// accumulators (even and odd slots), so that consecutive slots do not wait on each other's fused
+// multiply-add; the order of the sums is the same whatever R, so a row's product does not depend on
+// how many rows share the call (a greedy reply is the same alone and in a batch).
+template <int R>
+inline void lanes4_dots(const uint8_t* row, const float* x, int64_t columns, float* y, int64_t y_stride) {
+    constexpr int kChains = 2;
+    __m256 total[R][kChains];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < kChains; c++) total[r][c] = _mm256_setzero_ps();
+    const int64_t records = columns / 64;
+    for (int64_t b = 0; b < records; b++) {
+        const uint8_t* record = row + b * kLaneRecordBytes;
+        const float* xb = x + 64 * b;
+        float fields[4];
+        std::memcpy(fields, record, sizeof(fields));
+        const __m256i words = _mm256_loadu_si256((const __m256i*)(record + 16));
+        __m256 scale = _mm256_set1_ps(fields[0]), offset = _mm256_set1_ps(fields[1]);
+#define EMBER_LANE_SLOT(J)                                                                  \
+    {                                                                                       \
+        if (J == 4) scale = _mm256_set1_ps(fields[2]), offset = _mm256_set1_ps(fields[3]); \
+        const __m256 w = lane_values<J>(words, scale, offset);                              \
+        for (int r = 0; r < R; r++)                                                         \
+            total[r][J % kChains] =                                                         \
+                _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + r * columns + 8 * J), total[r][J % kChains]); \
+    }
+        EMBER_LANE_SLOT(0) EMBER_LANE_SLOT(1) EMBER_LANE_SLOT(2) EMBER_LANE_SLOT(3)
+        EMBER_LANE_SLOT(4) EMBER_LANE_SLOT(5) EMBER_LANE_SLOT(6) EMBER_LANE_SLOT(7)
+#undef EMBER_LANE_SLOT
+    }
+    for (int r = 0; r < R; r++) {
+        __m256 sum = total[r][0];
+        for (int c = 1; c < kChains; c++) sum = _mm256_add_ps(sum, total[r][c]);
+        y[r * y_stride] = horizontal_sum(sum);
+    }
+}
+
+// Few activation rows times the lane layout (decode): each weight row streams once per call, in groups
+// of 4 activation rows (their 8 accumulators, the slot's values and an x load fit the 16 registers).
+void lanes4_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t* weight, int64_t out_features,
+                   float* y, int nthreads) {
+    const int64_t stride = columns / 64 * kLaneRecordBytes;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && out_features > 1)
+    for (int64_t n = 0; n < out_features; n++) {
+        const uint8_t* row = weight + n * stride;
+        int64_t m = 0;
+        for (; m + 4 <= rows; m += 4) lanes4_dots<4>(row, x + m * columns, columns, y + m * out_features + n, out_features);
+        const float* rest = x + m * columns;
+        float* rest_y = y + m * out_features + n;
+        if (rows - m == 3) lanes4_dots<3>(row, rest, columns, rest_y, out_features);
+        if (rows - m == 2) lanes4_dots<2>(row, rest, columns, rest_y, out_features);
+        if (rows - m == 1) lanes4_dots<1>(row, rest, columns, rest_y, out_features);
+    }
+}
+#endif
+
 inline float* scratch(int64_t floats) {
     thread_local std::vector<float> buffer;
     if ((int64_t)buffer.size() < floats) buffer.resize(floats);
@@ -446,6 +549,12 @@ void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, i
             int nthreads) {
     const uint8_t* blocks = (const uint8_t*)weight;
     const int64_t tiles = (out_features + kTile - 1) / kTile;
+#if defined(EMBER_LANES4_VECTORS)
+    if (kType == kLanes4) {
+        lanes4_matmul(x, rows, columns, blocks, out_features, y, nthreads);
+        return;
+    }
+#endif
 #if defined(EMBER_FUSED_DOTS)
     if (kType == kQ8_0 && rows == 1) {  // cheap codes: each row streams alone, front to back
         const int64_t blocks_per_row = columns / 32, stride = blocks_per_row * kFormats[kType].bytes;
@@ -527,6 +636,7 @@ EMBER_GGML_KERNELS(q5_1, kQ5_1)
 EMBER_GGML_KERNELS(q8_0, kQ8_0)
 EMBER_GGML_KERNELS(q4_0, kQ4_0)
 EMBER_GGML_KERNELS(q4_1, kQ4_1)
+EMBER_GGML_KERNELS(lanes4, kLanes4)
 
 // Several projections fused along out_features whose weights differ in kind (Q5_0 q and k with a Q8_0 v):
 // table = [count, then (kernel, weight, out_features) per part], each part a kernel of this signature.

@@ -11,6 +11,10 @@ do not drift from the file's. Which kernel runs depends on the rows of x:
   output rows at a time (about 4 MiB of float32) and each chunk goes to
   oneDNN's matrix product in `dtype`; a full float copy never exists.
 
+On a CPU whose products are AVX2 (no AVX-512), Q4_0, Q4_1 and Q4_K rows are
+held in the 4-bit lane layout of `nibble_lanes.py` instead: the same codes and
+exact scales rearranged, about twice as fast to multiply one row at a time.
+
 `ConcatLinear` fuses projections whose tensors differ in type (Gemma 3's
 Q5_0 q and k with a Q8_0 v) without converting any of them.
 """
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from ember.errors import ModelLoadError
-from ember.quant import native_ggml
+from ember.quant import native_ggml, nibble_lanes
 from ember.quant.describe import describe_layer
 from ember.quant.float_linear import _finish, _plain_linear, _rows
 from ember.quant.ggml_blocks import BlockQuantizedTensor
@@ -63,7 +67,9 @@ class GGMLLinear:
         tensor: BlockQuantizedTensor,
         bias: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
+        lanes: bool | None = None,
     ):
+        """`lanes`: hold the rows in the 4-bit lane layout (None: where it is the faster form here)."""
         check_blocks(tensor.quant_type, tensor.shape, tensor.nbytes, tensor.name)
         self.quant_type = tensor.quant_type
         self.out_features, self.in_features = (int(size) for size in tensor.shape)
@@ -73,6 +79,15 @@ class GGMLLinear:
         self.backend = "native" if self._library is not None else "portable"
         # the file's bytes, copied out of its mapping so that the file can close: (out, bytes per row)
         data = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(self.out_features, -1)
+        lanes_fit = self.backend == "native" and nibble_lanes.fits(self.quant_type, self.in_features)
+        if lanes is None:
+            lanes = lanes_fit and native_ggml.instruction_set() == "avx2"
+        elif lanes and not lanes_fit:
+            raise ValueError(f"no lane layout for {self.quant_type} rows of {self.in_features} values here")
+        self.kernel = native_ggml.LANES4 if lanes else self.quant_type  # what native_ggml calls for it
+        if lanes:
+            data = nibble_lanes.lane_rows(self.quant_type, data, self.in_features)
+        # (out, bytes per row): the file's blocks, or the same codes in the lane layout
         self.blocks = torch.from_numpy(data)
 
     @property
@@ -85,12 +100,13 @@ class GGMLLinear:
         stem = native_ggml.KERNEL_TYPES[self.quant_type]
         if self.backend != "native":
             return f"{stem} portable (torch)"
-        return f"{stem} native ({native_ggml.instruction_set()})"
+        layout = ", 4-bit lanes" if self.kernel == native_ggml.LANES4 else ""
+        return f"{stem} native ({native_ggml.instruction_set()}{layout})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)  # (rows, in)
         if self.backend == "native" and rows.shape[0] <= NATIVE_GGML_ROWS:
-            y = native_ggml.matmul(self.quant_type, rows.float(), self.blocks, self.out_features)
+            y = native_ggml.matmul(self.kernel, rows.float(), self.blocks, self.out_features)
         else:
             y = self._chunked_product(rows.to(self.dtype))
         return _finish(y, x, self.bias)
@@ -110,7 +126,7 @@ class GGMLLinear:
     def _expand(self, first: int, count: int) -> torch.Tensor:
         """Rows first..first+count of the weight as float32 (count, in)."""
         if self.backend == "native":
-            return native_ggml.expand_rows(self.quant_type, self.blocks, self.in_features, first, count)
+            return native_ggml.expand_rows(self.kernel, self.blocks, self.in_features, first, count)
         part = self.blocks[first : first + count].numpy()
         return dequantize(self.quant_type, part, (count, self.in_features))
 
@@ -118,7 +134,7 @@ class GGMLLinear:
         """(kernel address, blocks, most rows) for `ember.native_decode`, where this layer has one."""
         if self.backend != "native" or self.bias is not None:
             return None
-        return native_ggml.matmul_address(self.quant_type), self.blocks, NATIVE_GGML_ROWS
+        return native_ggml.matmul_address(self.kernel), self.blocks, NATIVE_GGML_ROWS
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows `token_ids` (any shape) of the weight as float32 (*token_ids.shape, in_features): a tied
@@ -127,7 +143,7 @@ class GGMLLinear:
         if flat_ids.numel() and not (0 <= flat_ids.min() and flat_ids.max() < self.out_features):
             raise ValueError(f"row ids must lie in 0..{self.out_features - 1}")
         if self.backend == "native":
-            found = native_ggml.expand_rows(self.quant_type, self.blocks, self.in_features, ids=flat_ids)
+            found = native_ggml.expand_rows(self.kernel, self.blocks, self.in_features, ids=flat_ids)
         else:
             part = self.blocks[flat_ids].numpy()
             found = dequantize(self.quant_type, part, (flat_ids.numel(), self.in_features))

@@ -26,13 +26,17 @@ KERNEL_TYPES: dict[str, str] = {
     "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
 }  # fmt: skip
 
+# The 4-bit lane layout (`nibble_lanes.py`): Q4_0, Q4_1 and Q4_K rows rearranged at load, one kernel for all
+LANES4 = "LANES4"
+_STEMS: dict[str, str] = {**KERNEL_TYPES, LANES4: "lanes4"}
+
 _SOURCE_FILE = Path(__file__).with_name("ggml_kernels.cpp")
 
 
 def _declare(library: ctypes.CDLL) -> None:
     i64, pointer, integer = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     matmul_arguments = [pointer, i64, i64, pointer, i64, pointer, integer]
-    for stem in KERNEL_TYPES.values():
+    for stem in _STEMS.values():
         matmul = getattr(library, f"ember_ggml_{stem}_matmul")
         matmul.argtypes, matmul.restype = matmul_arguments, None
         expand = getattr(library, f"ember_ggml_{stem}_expand_rows")
@@ -58,27 +62,28 @@ def instruction_set() -> str:
     return {512: "avx512", 256: "avx2"}.get(library.ember_ggml_vector_bits(), "portable")
 
 
-def matmul_address(quant_type: str) -> int:
-    """The address of a type's matmul kernel, for tables the C side calls through."""
-    return function_address(getattr(load(), f"ember_ggml_{KERNEL_TYPES[quant_type]}_matmul"))
+def matmul_address(kernel: str) -> int:
+    """The address of a kernel's matmul (a GGML type, or LANES4), for tables the C side calls through."""
+    return function_address(getattr(load(), f"ember_ggml_{_STEMS[kernel]}_matmul"))
 
 
 def concat_address() -> int:
     return function_address(load().ember_ggml_concat_matmul)
 
 
-def matmul(quant_type: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (M, K) float32 contiguous times the (out_features, K) weight in `blocks` -> (M, out_features)."""
+def matmul(kernel_name: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 contiguous times the (out_features, K) weight in `blocks` -> (M, out_features).
+    `kernel_name` is the GGML type of the blocks, or LANES4 for rows in the lane layout."""
     rows, columns = x.shape
     y = torch.empty(rows, out_features, dtype=torch.float32)
-    kernel = getattr(load(), f"ember_ggml_{KERNEL_TYPES[quant_type]}_matmul")
+    kernel = getattr(load(), f"ember_ggml_{_STEMS[kernel_name]}_matmul")
     threads = torch.get_num_threads()
     kernel(x.data_ptr(), rows, columns, blocks.data_ptr(), out_features, y.data_ptr(), threads)
     return y
 
 
 def expand_rows(
-    quant_type: str,
+    kernel_name: str,
     blocks: torch.Tensor,
     columns: int,
     first_row: int = 0,
@@ -91,7 +96,7 @@ def expand_rows(
         ids = ids.to(torch.int64).contiguous()
         count = ids.numel()
     out = torch.empty(count, columns, dtype=torch.float32)
-    kernel = getattr(load(), f"ember_ggml_{KERNEL_TYPES[quant_type]}_expand_rows")
+    kernel = getattr(load(), f"ember_ggml_{_STEMS[kernel_name]}_expand_rows")
     kernel(
         blocks.data_ptr(), columns, first_row, count, None if ids is None else ids.data_ptr(), out.data_ptr(),
         torch.get_num_threads(),
