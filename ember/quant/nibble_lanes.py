@@ -43,9 +43,9 @@ def lane_rows(quant_type: str, blocks: np.ndarray, in_features: int) -> np.ndarr
     by_slot = codes.reshape(rows, records, 8, 8).astype(np.uint32)  # (rows, records, j, l)
     shifts = (4 * np.arange(8, dtype=np.uint32)).reshape(1, 1, 8, 1)
     words = np.bitwise_or.reduce(by_slot << shifts, axis=2).astype("<u4")  # (rows, records, 8)
-    fields = np.stack(
-        [scales[:, 0::2], offsets[:, 0::2], scales[:, 1::2], offsets[:, 1::2]], axis=-1
-    ).astype("<f4")  # (rows, records, 4)
+    # (rows, records, 4): scale and offset of each record's two groups
+    fields = np.stack([scales[:, 0::2], offsets[:, 0::2], scales[:, 1::2], offsets[:, 1::2]], axis=-1)
+    fields = fields.astype("<f4")
     out = np.empty((rows, records, RECORD_BYTES), dtype=np.uint8)
     out[..., :16] = fields.view(np.uint8).reshape(rows, records, 16)
     out[..., 16:] = words.view(np.uint8).reshape(rows, records, 32)
