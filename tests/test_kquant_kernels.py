@@ -79,6 +79,20 @@ def test_lane_layout_holds_the_same_values_and_products(quant_type, rows):
         assert torch.equal(lanes(x)[-1:], lanes(x[-1:]))
 
 
+@pytest.mark.parametrize("quant_type", ["Q8_0", "Q5_0", "Q4_0"])
+def test_avx2_decode_rows_equal_each_row_alone(quant_type):
+    """Where the products are AVX2 (no AVX-512), a batch's decode rows take the one-row kernel's order of
+    sums, so a sequence's logits do not depend on how many others share its step."""
+    if native_ggml.instruction_set() != "avx2":
+        pytest.skip("the fused one-row kernels are built for AVX2 without AVX-512")
+    data = random_blocks(quant_type, 21, 320, 11)
+    layer = GGMLLinear(BlockQuantizedTensor("w", quant_type, (21, 320), data), lanes=False)
+    x = torch.randn(NATIVE_GGML_ROWS, 320)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+    for rows in (2, 3, 4, 7, NATIVE_GGML_ROWS):
+        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+
+
 def test_lane_layout_only_where_rows_hold_whole_records():
     data = random_blocks("Q4_1", 4, 96, 7)  # 96 values: one record and a half
     tensor = BlockQuantizedTensor("w", "Q4_1", (4, 96), data)

@@ -402,6 +402,7 @@ inline void tile_dots(const float* w, const float* x, int64_t columns, float* ou
 
 template <int kType>
 constexpr bool kFusedDot = kType == kQ8_0 || kType == kQ5_0 || kType == kQ4_0;
+constexpr int64_t kFusedRows = 32;  // ggml_linear.NATIVE_GGML_ROWS: more rows take the expanded chunks
 
 // The block's 32 codes as 4 x 8 floats (values 8c..8c+7 in codes[c]).
 template <int kType>
@@ -477,6 +478,62 @@ inline float fused_row_dot(const uint8_t* row, const float* x, int64_t blocks) {
         total[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(block)), sum, total[b & 1]);
     }
     return horizontal_sum(_mm256_add_ps(total[0], total[1]));
+}
+
+// One weight row's dots with R activation rows (stride columns), each row's sums in the order of the
+// one-row kernel of its type (Q8_0: fused_row_dot's two alternating chains; Q5_0, Q4_0: the one chain
+// of fused_tile_dots), so a row's product is the same alone and in a batch. The block's codes are made
+// once per call and meet all R rows in registers; the expand-and-multiply path made a float32 copy of
+// every row and read it back for each activation row.
+template <int kType, int R>
+inline void fused_rows_dots(const uint8_t* row, const float* x, int64_t columns, float* y, int64_t y_stride) {
+    constexpr Format format = kFormats[kType];
+    constexpr int kChains = kType == kQ8_0 ? 2 : 1;
+    __m256 total[R][kChains];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < kChains; c++) total[r][c] = _mm256_setzero_ps();
+    const int64_t blocks = columns / 32;
+    // block b adds into chain b % kChains; the chain index is a constant in each unrolled step, so the
+    // accumulators stay in registers
+    auto add_block = [&](int64_t b, int chain) __attribute__((always_inline)) {
+        const uint8_t* block = row + b * format.bytes;
+        __m256 codes[4];
+        block_codes<kType>(block, codes);
+        const __m256 scale = _mm256_set1_ps(half_to_float(block));
+        for (int r = 0; r < R; r++) {
+            const float* xb = x + r * columns + 32 * b;
+            __m256 sum = _mm256_mul_ps(codes[0], _mm256_loadu_ps(xb));
+            sum = _mm256_fmadd_ps(codes[1], _mm256_loadu_ps(xb + 8), sum);
+            sum = _mm256_fmadd_ps(codes[2], _mm256_loadu_ps(xb + 16), sum);
+            sum = _mm256_fmadd_ps(codes[3], _mm256_loadu_ps(xb + 24), sum);
+            total[r][chain] = _mm256_fmadd_ps(scale, sum, total[r][chain]);
+        }
+    };
+    int64_t b = 0;
+    for (; b + kChains <= blocks; b += kChains)
+        for (int c = 0; c < kChains; c++) add_block(b + c, c);
+    if (b < blocks) add_block(b, 0);
+    for (int r = 0; r < R; r++)
+        y[r * y_stride] = horizontal_sum(kChains == 2 ? _mm256_add_ps(total[r][0], total[r][kChains - 1]) : total[r][0]);
+}
+
+// Few activation rows (2..32: a batch's decode step) times the blocks of a fused-dot type.
+template <int kType>
+void fused_rows_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t* weight, int64_t out_features,
+                       float* y, int nthreads) {
+    const int64_t stride = columns / 32 * kFormats[kType].bytes;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && out_features > 1)
+    for (int64_t n = 0; n < out_features; n++) {
+        const uint8_t* row = weight + n * stride;
+        int64_t m = 0;
+        for (; m + 4 <= rows; m += 4)
+            fused_rows_dots<kType, 4>(row, x + m * columns, columns, y + m * out_features + n, out_features);
+        const float* rest = x + m * columns;
+        float* rest_y = y + m * out_features + n;
+        if (rows - m == 3) fused_rows_dots<kType, 3>(row, rest, columns, rest_y, out_features);
+        if (rows - m == 2) fused_rows_dots<kType, 2>(row, rest, columns, rest_y, out_features);
+        if (rows - m == 1) fused_rows_dots<kType, 1>(row, rest, columns, rest_y, out_features);
+    }
 }
 #endif
 
@@ -560,6 +617,10 @@ void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, i
         const int64_t blocks_per_row = columns / 32, stride = blocks_per_row * kFormats[kType].bytes;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && out_features > 1)
         for (int64_t n = 0; n < out_features; n++) y[n] = fused_row_dot<kType>(blocks + n * stride, x, blocks_per_row);
+        return;
+    }
+    if (kFusedDot<kType> && rows > 1 && rows <= kFusedRows) {
+        fused_rows_matmul<kType>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
     if (kFusedDot<kType> && rows == 1) {
