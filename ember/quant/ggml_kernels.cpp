@@ -514,7 +514,7 @@ inline void fused_rows_dots(const uint8_t* row, const float* x, int64_t columns,
         for (int c = 0; c < kChains; c++) add_block(b + c, c);
     if (b < blocks) add_block(b, 0);
     for (int r = 0; r < R; r++)
-        y[r * y_stride] = horizontal_sum(kChains == 2 ? _mm256_add_ps(total[r][0], total[r][kChains - 1]) : total[r][0]);
+        y[r * y_stride] = horizontal_sum(kChains == 2 ? _mm256_add_ps(total[r][0], total[r][1]) : total[r][0]);
 }
 
 // Few activation rows (2..32: a batch's decode step) times the blocks of a fused-dot type.
@@ -557,13 +557,14 @@ inline void lanes4_dots(const uint8_t* row, const float* x, int64_t columns, flo
         std::memcpy(fields, record, sizeof(fields));
         const __m256i words = _mm256_loadu_si256((const __m256i*)(record + 16));
         __m256 scale = _mm256_set1_ps(fields[0]), offset = _mm256_set1_ps(fields[1]);
-#define EMBER_LANE_SLOT(J)                                                                  \
-    {                                                                                       \
-        if (J == 4) scale = _mm256_set1_ps(fields[2]), offset = _mm256_set1_ps(fields[3]); \
-        const __m256 w = lane_values<J>(words, scale, offset);                              \
-        for (int r = 0; r < R; r++)                                                         \
-            total[r][J % kChains] =                                                         \
-                _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + r * columns + 8 * J), total[r][J % kChains]); \
+#define EMBER_LANE_SLOT(J)                                                                     \
+    {                                                                                          \
+        if (J == 4) scale = _mm256_set1_ps(fields[2]), offset = _mm256_set1_ps(fields[3]);    \
+        const __m256 w = lane_values<J>(words, scale, offset);                                 \
+        for (int r = 0; r < R; r++) {                                                          \
+            __m256& chain = total[r][J % kChains];                                             \
+            chain = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + r * columns + 8 * J), chain);      \
+        }                                                                                      \
     }
         EMBER_LANE_SLOT(0) EMBER_LANE_SLOT(1) EMBER_LANE_SLOT(2) EMBER_LANE_SLOT(3)
         EMBER_LANE_SLOT(4) EMBER_LANE_SLOT(5) EMBER_LANE_SLOT(6) EMBER_LANE_SLOT(7)
@@ -585,7 +586,8 @@ void lanes4_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t*
     for (int64_t n = 0; n < out_features; n++) {
         const uint8_t* row = weight + n * stride;
         int64_t m = 0;
-        for (; m + 4 <= rows; m += 4) lanes4_dots<4>(row, x + m * columns, columns, y + m * out_features + n, out_features);
+        for (; m + 4 <= rows; m += 4)
+            lanes4_dots<4>(row, x + m * columns, columns, y + m * out_features + n, out_features);
         const float* rest = x + m * columns;
         float* rest_y = y + m * out_features + n;
         if (rows - m == 3) lanes4_dots<3>(row, rest, columns, rest_y, out_features);
