@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from rwkv_support import make_random_pth  # the tests' seeded writer (a checkout has it)
 
-        path = make_random_pth(args.random, Path(args.folder) / f"random-rwkv{args.random}.pth", seed=0)
+        folder = Path(args.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = make_random_pth(args.random, folder / f"random-rwkv{args.random}.pth", seed=0)
         tokenizers = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "tokenizers"
         for name in ("20B_tokenizer.json", "rwkv_vocab_v20230424.txt"):
             if (tokenizers / name).exists() and not (path.parent / name).exists():
