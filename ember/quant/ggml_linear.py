@@ -77,17 +77,19 @@ class GGMLLinear:
         self.bias = None if bias is None else bias.float()
         self._library = native_ggml.load()
         self.backend = "native" if self._library is not None else "portable"
-        # the file's bytes, copied out of its mapping so that the file can close: (out, bytes per row)
-        data = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(self.out_features, -1)
         lanes_fit = self.backend == "native" and nibble_lanes.fits(self.quant_type, self.in_features)
         if lanes is None:
             lanes = lanes_fit and native_ggml.instruction_set() == "avx2"
         elif lanes and not lanes_fit:
             raise ValueError(f"no lane layout for {self.quant_type} rows of {self.in_features} values here")
         self.kernel = native_ggml.LANES4 if lanes else self.quant_type  # what native_ggml calls for it
+        # (out, bytes per row), out of the file's mapping so that the file can close: the file's blocks
+        # copied, or the same codes written in the lane layout
+        file_rows = np.asarray(tensor.data, dtype=np.uint8).reshape(self.out_features, -1)
         if lanes:
-            data = nibble_lanes.lane_rows(self.quant_type, data, self.in_features)
-        # (out, bytes per row): the file's blocks, or the same codes in the lane layout
+            data = nibble_lanes.lane_rows(self.quant_type, file_rows, self.in_features)
+        else:
+            data = np.array(file_rows, copy=True)
         self.blocks = torch.from_numpy(data)
 
     @property
