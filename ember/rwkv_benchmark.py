@@ -29,6 +29,19 @@ BATCH = 8
 LONG_POSITION = 4000
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so
+    a worker would report its parent's peak (the parent writes the random model) where that is higher."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _prompt(count: int, vocab_size: int, seed: int = 0) -> list[int]:
     import torch
 
@@ -92,7 +105,7 @@ def _ember_worker(path: str, threads: int, quant: str | None = None) -> dict:
         "batch8_tokens_per_s": batched,
         "decode_at_100": at_100,
         "decode_at_4000": at_4000,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
     }
 
 
@@ -116,7 +129,7 @@ def _package_worker(path: str, threads: int, quant: str | None = None) -> dict:
     return {
         "decode_tokens_per_s": decode,
         "prefill_tokens_per_s": prefill,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
     }
 
 

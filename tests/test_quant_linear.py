@@ -542,6 +542,22 @@ def test_float_layer_matches_float64_at_every_row_count(rows, shape):
     assert bool((error <= 1e-5 * scale + 1e-6).all()), f"max error {error.max().item():.3e}"
 
 
+def test_native_float_kernel_matches_float64_at_every_row_count():
+    """The kernel itself at 1-19 rows: each pass's activation rows (3 with AVX2, 4 with AVX-512), the rows
+    left over after them, and the partial chunk of inputs."""
+    if not NATIVE_FLOAT:
+        pytest.skip(f"native float kernel unavailable: {native_float.LIBRARY.failure_reason}")
+    library = native_float.load()
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(71, 203, generator=generator)
+    for rows in range(1, 20):
+        x = torch.randn(rows, 203, generator=generator)
+        expected = x.double() @ weight.double().T
+        scale = x.double().abs() @ weight.double().abs().T
+        error = (native_float.matmul(library, x, weight).double() - expected).abs()
+        assert bool((error <= 1e-5 * scale + 1e-6).all()), f"{rows} rows: max error {error.max().item():.3e}"
+
+
 def test_native_float_kernel_gives_the_same_values_on_one_and_two_threads():
     if not NATIVE_FLOAT:
         pytest.skip(f"native float kernel unavailable: {native_float.LIBRARY.failure_reason}")

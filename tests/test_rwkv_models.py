@@ -43,6 +43,10 @@ SUM_TOLERANCES = {
     ("7v0", "Q5_1"): 0.065,
 }
 DEQUANTIZED_V7_Q5_TOLERANCE = 0.08
+# ggml rounds activations to float16 inside an FP16 product; exact float32 math on the same weights lands
+# at the edge of rwkv.cpp's 5v1 sum (-0.2898 with oneDNN's order, -0.2900 with the native kernel's; the
+# FP32 files' sums move by up to 2e-4 between the two orders). This slack covers summation order only.
+FP16_ORDER_SLACK = 1e-3
 
 
 def float_factory(weights, biases):
@@ -78,7 +82,8 @@ def test_tiny_model_matches_reference_logits(file_name):
     if kind == "FP32":
         assert np.abs(difference).max() < 1e-4
     else:
-        assert abs(difference.sum()) < SUM_TOLERANCES[(version, kind)]
+        slack = FP16_ORDER_SLACK if kind == "FP16" else 0.0
+        assert abs(difference.sum()) < SUM_TOLERANCES[(version, kind)] + slack
         assert np.abs(difference).max() < 2.0  # a wrong layout moves logits by far more
     if kind.startswith("Q5"):
         assert quant == "int8" and type(model.blocks[0].linears["att.key"]).__name__ == "GGMLLinear"
