@@ -4,8 +4,12 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+// AVX2 paths where the CPU has AVX2 and FMA but not AVX-512 (the build's -march=native decides).
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define EMBER_OPS_AVX2 1
 #endif
 
 namespace {
@@ -29,6 +33,40 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#if defined(EMBER_OPS_AVX2)
+// exp16's polynomial on 8 floats; 0 below -87.3 (where exp leaves the normal floats), clamped above 88.
+inline __m256 exp8(__m256 x) {
+    const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n from its exponent bits: n lies in [-126, 127] after the clamp
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(exponent)), normal);
+}
+
+inline float sum8(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
+inline float max8(__m256 v) {
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+}
+#endif
+
 // x[i] = exp(x[i] - shift); returns the sum of the results.
 inline float exp_shifted(float* x, int64_t n, float shift) {
     int64_t i = 0;
@@ -42,6 +80,15 @@ inline float exp_shifted(float* x, int64_t n, float shift) {
         total = _mm512_add_ps(total, e);
     }
     sum = _mm512_reduce_add_ps(total);
+#elif defined(EMBER_OPS_AVX2)
+    __m256 total = _mm256_setzero_ps();
+    const __m256 s = _mm256_set1_ps(shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+        _mm256_storeu_ps(x + i, e);
+        total = _mm256_add_ps(total, e);
+    }
+    sum = sum8(total);
 #endif
     for (; i < n; i++) {
         x[i] = std::exp(x[i] - shift);
@@ -74,18 +121,35 @@ inline float maximum_of(const float* x, int64_t n) {
     __m512 maxima = _mm512_set1_ps(-INFINITY);
     for (; i + 16 <= n; i += 16) maxima = _mm512_max_ps(maxima, _mm512_loadu_ps(x + i));
     maximum = _mm512_reduce_max_ps(maxima);
+#elif defined(EMBER_OPS_AVX2)
+    __m256 maxima = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) maxima = _mm256_max_ps(maxima, _mm256_loadu_ps(x + i));
+    maximum = max8(maxima);
 #endif
     for (; i < n; i++) maximum = x[i] > maximum ? x[i] : maximum;
     return maximum;
 }
 
-// scores (group, length) -> softmax of each row, in place.
-inline void softmax_rows(float* scores, int64_t group, int64_t length) {
+// Which of the keys each query row sees: keys begins[g] .. ends[g] - 1 of the `length` a call attends
+// over (a prompt chunk's rows: causal, maybe windowed). Null arrays: every row sees every key (decode).
+struct RowLimits {
+    const int64_t* begins;
+    const int64_t* ends;
+    int64_t begin(int64_t g) const { return begins != nullptr ? begins[g] : 0; }
+    int64_t end(int64_t g, int64_t length) const { return ends != nullptr ? ends[g] : length; }
+};
+
+// scores (group, length) -> softmax of each row over the keys it sees, in place; the others weigh 0.
+inline void softmax_rows(float* scores, int64_t group, int64_t length, RowLimits limits) {
     for (int64_t g = 0; g < group; g++) {
         float* score = scores + g * length;
-        const float inverse_sum = 1.0f / exp_shifted(score, length, maximum_of(score, length));
+        const int64_t begin = limits.begin(g), end = limits.end(g, length);
+        std::fill(score, score + begin, 0.0f);
+        std::fill(score + end, score + length, 0.0f);
+        float* seen = score + begin;
+        const float inverse_sum = 1.0f / exp_shifted(seen, end - begin, maximum_of(seen, end - begin));
 #pragma omp simd
-        for (int64_t j = 0; j < length; j++) score[j] *= inverse_sum;
+        for (int64_t j = 0; j < end - begin; j++) seen[j] *= inverse_sum;
     }
 }
 
@@ -100,17 +164,18 @@ struct KeyRun {
 // Softmax attention of `group` queries (rotated, scaled) over the keys and values of `runs`, `length`
 // keys in all, in order: out (group, dim). scores is scratch of group * length floats.
 void attend_generic(const float* query, const KeyRun* runs, int64_t num_runs, int64_t length, int64_t stride,
-                    int64_t group, int64_t dim, float* scores, float* out) {
+                    int64_t group, int64_t dim, float* scores, float* out, RowLimits limits) {
     for (int64_t r = 0, j = 0; r < num_runs; r++)
         for (int64_t i = 0; i < runs[r].length; i++, j++)
             for (int64_t g = 0; g < group; g++)
                 scores[g * length + j] = dot(query + g * dim, runs[r].keys + i * stride, dim);
-    softmax_rows(scores, group, length);
+    softmax_rows(scores, group, length, limits);
     std::memset(out, 0, group * dim * sizeof(float));
     for (int64_t r = 0, j = 0; r < num_runs; r++) {
         for (int64_t i = 0; i < runs[r].length; i++, j++) {
             const float* value = runs[r].values + i * stride;
             for (int64_t g = 0; g < group; g++) {
+                if (j >= limits.end(g, length)) continue;
                 const float weight = scores[g * length + j];
                 float* o = out + g * dim;
 #pragma omp simd
@@ -149,7 +214,7 @@ inline __m512 dot_lanes(const __m512 q[D], const float* key) {
 // reduced together, each block of 16 keys serving every query head of the group while it is in L1.
 template <int D>
 void attend_avx512(const float* query, const KeyRun* runs, int64_t num_runs, int64_t length, int64_t stride,
-                   int64_t group, float* scores, float* out) {
+                   int64_t group, float* scores, float* out, RowLimits limits) {
     constexpr int64_t dim = 16 * D;
     constexpr int64_t kBlock = 16;
     for (int64_t r = 0, offset = 0; r < num_runs; offset += runs[r].length, r++) {
@@ -173,14 +238,15 @@ void attend_avx512(const float* query, const KeyRun* runs, int64_t num_runs, int
             }
         }
     }
-    softmax_rows(scores, group, length);
+    softmax_rows(scores, group, length, limits);
     for (int64_t g = 0; g < group; g++) {
         const float* weights = scores + g * length;
+        const int64_t end = limits.end(g, length);
         __m512 accumulator[2][D];  // even and odd keys: two dependency chains
         for (int v = 0; v < D; v++) accumulator[0][v] = accumulator[1][v] = _mm512_setzero_ps();
         for (int64_t r = 0, offset = 0; r < num_runs; offset += runs[r].length, r++) {
             const float* values = runs[r].values;
-            const int64_t n = runs[r].length;
+            const int64_t n = std::min(runs[r].length, end - offset);  // keys past the row's end weigh 0
             for (int64_t k = 0; k < n; k += 2) {
                 for (int e = 0; e < 2 && k + e < n; e++) {
                     const __m512 weight = _mm512_set1_ps(weights[offset + k + e]);
@@ -198,19 +264,134 @@ void attend_avx512(const float* query, const KeyRun* runs, int64_t num_runs, int
 }
 #endif
 
+#if defined(EMBER_OPS_AVX2)
+// Lane i of the result is the sum of the 8 lanes of the i-th argument.
+inline __m128 lane_sums4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // [low halves | high]
+    return _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+}
+
+// Scores of M query rows (1 or 2, `dim` = 8 * D apart) against 4 keys (`stride` apart): each key vector
+// loaded once for both rows, 8 accumulators, 6 loads per 8 FMAs.
+template <int D, int M>
+inline void score_block(const float* query, const float* keys, int64_t stride, float* scores, int64_t length) {
+    __m256 acc[M][4];
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < 4; i++) acc[m][i] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int v = 0; v < D; v++) {
+        __m256 key[4];
+        for (int i = 0; i < 4; i++) key[i] = _mm256_loadu_ps(keys + i * stride + 8 * v);
+        for (int m = 0; m < M; m++) {
+            const __m256 q = _mm256_loadu_ps(query + m * 8 * D + 8 * v);
+            for (int i = 0; i < 4; i++) acc[m][i] = _mm256_fmadd_ps(q, key[i], acc[m][i]);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        _mm_storeu_ps(scores + m * length, lane_sums4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+}
+
+// out rows (M of 1 or 2) += their weights times the values of keys 0..n-1, for the W <= 4 vectors of
+// the output starting at vector v0: each value vector loaded once for both rows.
+template <int M, int W>
+inline void weigh_values(const float* weights, int64_t length, const float* values, int64_t n, int64_t stride,
+                         int v0, __m256 acc[M][4]) {
+    for (int64_t k = 0; k < n; k++) {
+        const float* value = values + k * stride + 8 * v0;
+        __m256 weight[M];
+        for (int m = 0; m < M; m++) weight[m] = _mm256_set1_ps(weights[m * length + k]);
+        for (int v = 0; v < W; v++) {
+            const __m256 row = _mm256_loadu_ps(value + 8 * v);
+            for (int m = 0; m < M; m++) acc[m][v] = _mm256_fmadd_ps(weight[m], row, acc[m][v]);
+        }
+    }
+}
+
+// Rows g.. (M of 1 or 2) of the output: softmax weights times values, 4 output vectors at a time (8
+// accumulators). Weights past a row's end are 0 (softmax_rows), so both rows run to the later end.
+template <int D, int M>
+inline void value_rows(const float* weights, int64_t length, const KeyRun* runs, int64_t num_runs,
+                       int64_t stride, int64_t end, float* out) {
+#pragma GCC unroll 4
+    for (int v0 = 0; v0 < D; v0 += 4) {
+        __m256 acc[M][4];
+        for (int m = 0; m < M; m++)
+            for (int v = 0; v < 4; v++) acc[m][v] = _mm256_setzero_ps();
+        for (int64_t r = 0, offset = 0; r < num_runs && offset < end; offset += runs[r].length, r++) {
+            const int64_t n = std::min(runs[r].length, end - offset);
+            if (D - v0 >= 4)
+                weigh_values<M, 4>(weights + offset, length, runs[r].values, n, stride, v0, acc);
+            else
+                weigh_values<M, 2>(weights + offset, length, runs[r].values, n, stride, v0, acc);
+        }
+        for (int m = 0; m < M; m++)
+            for (int v = 0; v < std::min(4, D - v0); v++) _mm256_storeu_ps(out + m * 8 * D + 8 * (v0 + v), acc[m][v]);
+    }
+}
+
+// attend_generic for dim = 8 * D on AVX2's 16 registers: query rows in pairs, keys in blocks of 4 (each
+// key and value vector serving two rows while it is in a register), every block serving all the rows
+// while it is in L1.
+template <int D>
+void attend_avx2(const float* query, const KeyRun* runs, int64_t num_runs, int64_t length, int64_t stride,
+                 int64_t group, float* scores, float* out, RowLimits limits) {
+    static_assert(D % 2 == 0, "the output is written 4 or 2 vectors at a time");
+    constexpr int64_t dim = 8 * D;
+    for (int64_t r = 0, offset = 0; r < num_runs; offset += runs[r].length, r++) {
+        const float* keys = runs[r].keys;
+        const int64_t n = runs[r].length;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            int64_t g = 0;
+            for (; g + 2 <= group; g += 2)
+                score_block<D, 2>(query + g * dim, keys + j * stride, stride, scores + g * length + offset + j, length);
+            if (g < group)
+                score_block<D, 1>(query + g * dim, keys + j * stride, stride, scores + g * length + offset + j, length);
+        }
+        for (; j < n; j++) {
+            for (int64_t g = 0; g < group; g++) {
+                const float* q = query + g * dim;
+                const float* key = keys + j * stride;
+                __m256 product = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(key));
+                for (int v = 1; v < D; v++)
+                    product = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(key + 8 * v), product);
+                scores[g * length + offset + j] = sum8(product);
+            }
+        }
+    }
+    softmax_rows(scores, group, length, limits);
+    int64_t g = 0;
+    for (; g + 2 <= group; g += 2) {
+        const int64_t end = std::max(limits.end(g, length), limits.end(g + 1, length));
+        value_rows<D, 2>(scores + g * length, length, runs, num_runs, stride, end, out + g * dim);
+    }
+    if (g < group)
+        value_rows<D, 1>(scores + g * length, length, runs, num_runs, stride, limits.end(g, length), out + g * dim);
+}
+#endif
+
 void attend(const float* query, const KeyRun* runs, int64_t num_runs, int64_t length, int64_t stride,
-            int64_t group, int64_t dim, float* scores, float* out) {
+            int64_t group, int64_t dim, float* scores, float* out, RowLimits limits = {nullptr, nullptr}) {
 #if defined(__AVX512F__)
     switch (dim) {
-        case 32: return attend_avx512<2>(query, runs, num_runs, length, stride, group, scores, out);
-        case 64: return attend_avx512<4>(query, runs, num_runs, length, stride, group, scores, out);
-        case 80: return attend_avx512<5>(query, runs, num_runs, length, stride, group, scores, out);
-        case 96: return attend_avx512<6>(query, runs, num_runs, length, stride, group, scores, out);
-        case 128: return attend_avx512<8>(query, runs, num_runs, length, stride, group, scores, out);
+        case 32: return attend_avx512<2>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 64: return attend_avx512<4>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 80: return attend_avx512<5>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 96: return attend_avx512<6>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 128: return attend_avx512<8>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        default: break;
+    }
+#elif defined(EMBER_OPS_AVX2)
+    switch (dim) {
+        case 32: return attend_avx2<4>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 64: return attend_avx2<8>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 80: return attend_avx2<10>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 96: return attend_avx2<12>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 128: return attend_avx2<16>(query, runs, num_runs, length, stride, group, scores, out, limits);
         default: break;
     }
 #endif
-    attend_generic(query, runs, num_runs, length, stride, group, dim, scores, out);
+    attend_generic(query, runs, num_runs, length, stride, group, dim, scores, out, limits);
 }
 
 // The arguments one forward call's layers share, packed by `DecodeAttention` as 13 int64 values.
@@ -247,43 +428,83 @@ void store_task(const DecodeStep& step, int64_t b, int64_t h) {
     std::memcpy(step.value_cache + own, qkv + (heads + kv_heads + h) * dim, dim * sizeof(float));
 }
 
-// Row b, kv head h: attend its query heads over the keys up to its position (all stored by now, its
-// own and those of earlier rows of the same sequence: a prompt's tokens may ride in a decode step).
-void attend_task(const DecodeStep& step, int64_t b, int64_t h) {
+// Rows per attention task when consecutive rows are one sequence (a prompt chunk riding in a decode
+// step): a task reads its kv head's keys once for all its rows. Four keep two threads busy on a chunk of
+// eight rows over three kv heads (6 tasks).
+constexpr int64_t kTaskRows = 4;
+
+// Rows first..first+rows-1 (one sequence at consecutive positions; one row for a decode step), kv head h:
+// every query head of the group at every row attends together over the keys the last row sees, each row
+// limited to its own (causal, maybe windowed). Each row's keys are stored by now, theirs included.
+void attend_task(const DecodeStep& step, int64_t first_row, int64_t rows, int64_t h) {
     const DecodeArguments& arguments = step.arguments;
     const int64_t dim = arguments.dim, heads = arguments.heads, kv_heads = arguments.kv_heads;
-    const int64_t group = heads / kv_heads, row = (heads + 2 * kv_heads) * dim;
-    const int64_t position = arguments.positions[b], window = arguments.window;
-    const int64_t block_size = arguments.block_size, stride = kv_heads * dim;
-    const float* qkv = step.qkv + b * row;
-    const float* rotation = arguments.rotations + b * dim;
-    const int64_t first = window > 0 && position - window + 1 > 0 ? position - window + 1 : 0;
-    const int64_t length = position + 1 - first;
+    const int64_t group = heads / kv_heads, row_width = (heads + 2 * kv_heads) * dim, count = rows * group;
+    const int64_t window = arguments.window, block_size = arguments.block_size, stride = kv_heads * dim;
+    const int64_t start = arguments.positions[first_row], last = start + rows - 1;
+    const int64_t first = window > 0 && start - window + 1 > 0 ? start - window + 1 : 0;
+    const int64_t length = last + 1 - first;
     thread_local std::vector<KeyRun> runs;  // the visible keys, one run per block they touch
     runs.clear();
-    for (int64_t p = first; p <= position;) {
-        const int64_t n = std::min(block_size - p % block_size, position + 1 - p);
-        const int64_t offset = pool_offset(arguments, b, h, p);
+    for (int64_t p = first; p <= last;) {
+        const int64_t n = std::min(block_size - p % block_size, last + 1 - p);
+        const int64_t offset = pool_offset(arguments, first_row, h, p);
         runs.push_back({step.key_cache + offset, step.value_cache + offset, n});
         p += n;
     }
     const float scale = 1.0f / std::sqrt((float)dim);
     thread_local std::vector<float> scratch;  // grows to the longest sequence once, then no allocations
-    if ((int64_t)scratch.size() < group * (dim + length)) scratch.resize(group * (dim + length));
-    float* query = scratch.data();  // (group, dim)
-    float* scores = query + group * dim;  // (group, length)
-    for (int64_t g = 0; g < group; g++) {
-        float* q = query + g * dim;
-        rotate_pairs(qkv + (h * group + g) * dim, rotation, dim, q);
-        for (int64_t i = 0; i < dim; i++) q[i] *= scale;
+    if ((int64_t)scratch.size() < count * (2 * dim + length)) scratch.resize(count * (2 * dim + length));
+    thread_local std::vector<int64_t> limits;  // each query row's first and end key, from `first`
+    limits.resize(2 * count);
+    float* query = scratch.data();  // (count, dim)
+    float* scores = query + count * dim;  // (count, length)
+    float* result = scores + count * length;  // (count, dim)
+    for (int64_t t = 0; t < rows; t++) {
+        const int64_t b = first_row + t, position = start + t;
+        for (int64_t g = 0; g < group; g++) {
+            float* q = query + (t * group + g) * dim;
+            rotate_pairs(step.qkv + b * row_width + (h * group + g) * dim, arguments.rotations + b * dim, dim, q);
+            for (int64_t i = 0; i < dim; i++) q[i] *= scale;
+            const int64_t seen_from = window > 0 ? std::max(first, position - window + 1) : first;
+            limits[t * group + g] = seen_from - first;
+            limits[count + t * group + g] = position + 1 - first;
+        }
     }
-    attend(query, runs.data(), (int64_t)runs.size(), length, stride, group, dim, scores,
-           arguments.out + (b * heads + h * group) * dim);
+    attend(query, runs.data(), (int64_t)runs.size(), length, stride, count, dim, scores, result,
+           {limits.data(), limits.data() + count});
+    for (int64_t t = 0; t < rows; t++)
+        std::memcpy(arguments.out + ((first_row + t) * heads + h * group) * dim, result + t * group * dim,
+                    group * dim * sizeof(float));
+}
+
+// Whether row b continues row b - 1's sequence: the next position, the same cache blocks.
+bool continues(const DecodeArguments& arguments, int64_t b) {
+    const int64_t width = arguments.table_width;
+    return arguments.positions[b] == arguments.positions[b - 1] + 1 &&
+           std::equal(arguments.block_table + b * width, arguments.block_table + (b + 1) * width,
+                      arguments.block_table + (b - 1) * width);
+}
+
+// The attention tasks of a step, (first row, rows, kv head): runs of rows of one sequence split into
+// groups of kTaskRows, times the kv heads.
+struct AttendTask {
+    int64_t first_row, rows, h;
+};
+
+void attend_tasks(const DecodeArguments& arguments, std::vector<AttendTask>& tasks) {
+    tasks.clear();
+    for (int64_t b = 0; b < arguments.batch;) {
+        int64_t end = b + 1;
+        while (end < arguments.batch && end - b < kTaskRows && continues(arguments, end)) end++;
+        for (int64_t h = 0; h < arguments.kv_heads; h++) tasks.push_back({b, end - b, h});
+        b = end;
+    }
 }
 
 }  // namespace
 
-extern "C" int ember_ops_abi_version() { return 2; }
+extern "C" int ember_ops_abi_version() { return 3; }
 
 // hidden (rows, dim) += delta (when not null); out (rows, dim) = rms_norm(hidden) * weight.
 extern "C" void ember_add_rms_norm(float* hidden, const float* delta, const float* weight, int64_t rows,
@@ -317,6 +538,14 @@ extern "C" void ember_silu_mul(const float* gate_up, int64_t rows, int64_t inner
             const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
             _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
         }
+#elif defined(EMBER_OPS_AVX2)
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= inner; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+        }
 #endif
         for (; i < inner; i++) o[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     }
@@ -332,20 +561,27 @@ extern "C" void ember_silu_mul(const float* gate_up, int64_t rows, int64_t inner
 extern "C" void ember_decode_attention(const DecodeArguments* arguments, const float* qkv, float* key_cache,
                                        float* value_cache) {
     const DecodeStep step{*arguments, qkv, key_cache, value_cache};
-    const int64_t kv_heads = arguments->kv_heads, tasks = arguments->batch * kv_heads;
+    const int64_t kv_heads = arguments->kv_heads, stores = arguments->batch * kv_heads;
+    thread_local std::vector<AttendTask> task_list;  // this thread's: the workers read it through `tasks`
+    attend_tasks(*arguments, task_list);
+    const AttendTask* tasks = task_list.data();
+    const int64_t count = (int64_t)task_list.size();
     int64_t total_keys = 0;
     for (int64_t b = 0; b < arguments->batch; b++) total_keys += arguments->positions[b] + 1;
     // Every row's key is stored before any row attends: rows of one sequence read each other's.
-    if (arguments->nthreads > 1 && tasks > 1 && total_keys * kv_heads >= arguments->parallel_min_keys) {
+    if (arguments->nthreads > 1 && count > 1 && total_keys * kv_heads >= arguments->parallel_min_keys) {
 #pragma omp parallel num_threads(arguments->nthreads)
         {
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < tasks; task++) store_task(step, task / kv_heads, task % kv_heads);
+            for (int64_t task = 0; task < stores; task++) store_task(step, task / kv_heads, task % kv_heads);
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < tasks; task++) attend_task(step, task / kv_heads, task % kv_heads);
+            for (int64_t task = 0; task < count; task++)
+                attend_task(step, tasks[task].first_row, tasks[task].rows, tasks[task].h);
         }
     } else {  // no OpenMP region at all: even an inactive one costs about a microsecond
-        for (int64_t task = 0; task < tasks; task++) store_task(step, task / kv_heads, task % kv_heads);
-        for (int64_t task = 0; task < tasks; task++) attend_task(step, task / kv_heads, task % kv_heads);
+        for (int64_t task = 0; task < stores; task++) store_task(step, task / kv_heads, task % kv_heads);
+        for (int64_t task = 0; task < count; task++)
+            attend_task(step, tasks[task].first_row, tasks[task].rows, tasks[task].h);
     }
 }
+

@@ -101,28 +101,39 @@ def _reference_decode_attention(qkv, rotations, key_cache, value_cache, slots, p
 @needs_library
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2)])  # GQA ratios 1, 3, 4
 @pytest.mark.parametrize("window", [None, 8])
-@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the portable (non-AVX-512 register) kernel
+@pytest.mark.parametrize("head_dim", [64, 32, 128, 24])  # 24: the portable (non-register) kernel
 @pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize(
+    "slots,positions",
+    [
+        ([2, 0, 3], [5, 40, 17]),  # a ragged decode batch; in the reference, scattered slots
+        ([1, 1, 1, 1, 1, 1, 0, 3], [26, 27, 28, 29, 30, 31, 40, 9]),  # a 6-token chunk riding in a step
+        ([3, 3, 0, 0, 0, 0, 0], [7, 8, 46, 47, 48, 49, 50]),  # two chunks, one across a block boundary
+    ],
+)
 def test_decode_attention_matches_rotate_store_and_attend(
-    monkeypatch, num_heads, num_kv_heads, window, head_dim, threaded
+    monkeypatch, num_heads, num_kv_heads, window, head_dim, threaded, slots, positions
 ):
+    """Rows of one sequence at consecutive positions attend together (four rows per task): the same
+    results as each row alone, each seeing its own keys and those of the rows before it."""
     # threaded: every batch takes the OpenMP path; else the single-thread loop
     monkeypatch.setattr(native_ops, "PARALLEL_MIN_KEYS", 0 if threaded else 1 << 40)
     generator = torch.Generator().manual_seed(num_heads * 100 + head_dim)
-    slots, positions = [2, 0, 3], [5, 40, 17]  # a ragged batch; in the reference, scattered slots
+    rows = len(slots)
     width = (num_heads + 2 * num_kv_heads) * head_dim
-    qkv = torch.randn(3, width, generator=generator)
+    qkv = torch.randn(rows, width, generator=generator)
     key_cache = torch.randn(4, num_kv_heads, 64, head_dim, generator=generator)  # stale past contents
     value_cache = torch.randn(4, num_kv_heads, 64, head_dim, generator=generator)
     inverse_frequencies, _ = ops.rope_inverse_frequencies(head_dim, 10000.0)
-    rotations = ops.rope_rotations(inverse_frequencies, torch.tensor(positions).view(-1, 1))  # (3, 1, half)
+    rotations = ops.rope_rotations(inverse_frequencies, torch.tensor(positions).view(-1, 1))  # (rows, 1, d/2)
     # The same pasts in a paged pool of 16-position blocks, each sequence's blocks out of order
     block_size, num_blocks = 16, 20
-    tables = torch.randperm(num_blocks - 1, generator=generator)[:12].view(3, 4) + 1  # (3 sequences, 4)
+    slot_tables = torch.randperm(num_blocks - 1, generator=generator)[:16].view(4, 4) + 1  # (4 slots, 4)
+    tables = slot_tables[slots]  # (rows, 4): rows of one sequence share its blocks
     key_pool = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
     value_pool = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
-    for row, slot in enumerate(slots):
-        for index, block in enumerate(tables[row].tolist()):
+    for slot in sorted(set(slots)):
+        for index, block in enumerate(slot_tables[slot].tolist()):
             span = slice(index * block_size, (index + 1) * block_size)
             key_pool[block] = key_cache[slot, :, span].transpose(0, 1)
             value_pool[block] = value_cache[slot, :, span].transpose(0, 1)
@@ -140,7 +151,7 @@ def test_decode_attention_matches_rotate_store_and_attend(
         LIBRARY, torch.view_as_real(rotations), tables, torch.tensor(positions), num_heads, layout, window
     )
     out = attend(qkv, key_pool, value_pool)
-    assert out.shape == (3, num_heads * head_dim)
+    assert out.shape == (rows, num_heads * head_dim)
     assert (key_pool - expected_key_pool).abs().max().item() < 1e-5  # rotated keys in their block and row
     assert torch.equal(value_pool, expected_value_pool)  # values copied, everything else untouched
     assert expected.std() > 0.1

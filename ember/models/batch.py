@@ -48,3 +48,12 @@ class ForwardBatch:
     def ragged(self) -> bool:
         """Whether sequences end at different lengths (attention then masks padding keys)."""
         return min(self.key_lengths) != max(self.key_lengths)
+
+    def as_rows(self) -> ForwardBatch | None:
+        """A prompt chunk of one sequence, (1, T), as T rows of one token each at consecutive positions of
+        the same slot: the shape of a decode step (None for anything else)."""
+        if self.batch_size != 1 or self.num_new_tokens < 2:
+            return None
+        start, count = self.start_positions[0], self.num_new_tokens
+        positions = list(range(start, start + count))
+        return ForwardBatch(self.token_ids.view(count, 1), positions, self.slots * count, self.all_logits)

@@ -153,6 +153,15 @@ class LlamaModel:
             and kv_cache.fits(batch.slots, batch.key_lengths)
         ):  # anything else takes the PyTorch path below, which reports what is wrong
             return self._decode(batch, kv_cache)
+        rows = batch.as_rows() if batch.num_new_tokens <= native_ops.CHUNK_ROWS else None
+        if (
+            rows is not None
+            and self._native_ops is not None
+            and kv_cache.dtype == torch.float32
+            and kv_cache.fits(rows.slots, rows.key_lengths)
+        ):  # a short prompt chunk of one sequence: its tokens as rows of a decode step
+            logits = self._decode(rows, kv_cache, last_only=not batch.all_logits)
+            return logits.view(1, -1, logits.shape[-1])
         config = self.config
         batch_size, num_new = batch.token_ids.shape
         hidden = self.embed_tokens(batch.token_ids)  # (batch, new, hidden)
@@ -188,8 +197,9 @@ class LlamaModel:
         hidden = ops.rms_norm(hidden, self.final_norm, config.rms_norm_eps)
         return self.lm_head(hidden).float()
 
-    def _decode(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+    def _decode(self, batch: ForwardBatch, kv_cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """One new token per sequence through the fused native operators: the same math as `forward`.
+        `last_only`: logits of the last row alone (the rows are one prompt chunk).
 
         Per layer four matrix products and three native calls (residual add with
         RMS norm, rotary + cache store + attention, silu gating) instead of ~25
@@ -213,7 +223,7 @@ class LlamaModel:
         )
         if self.native_layers is not None and batch_size <= self.native_layers.max_rows:
             normed = self.native_layers(hidden, attend, kv_cache)  # (batch, hidden): the final norm
-            return self.lm_head(normed).view(batch_size, 1, -1)
+            return self.lm_head(normed[-1:] if last_only else normed).view(-1, 1, self.config.vocab_size)
         # Buffers reused by every layer: each is consumed before the next layer overwrites it.
         normed = torch.empty_like(hidden)  # (batch, hidden)
         activation = torch.empty(batch_size, config.intermediate_size)  # (batch, intermediate)
@@ -226,7 +236,7 @@ class LlamaModel:
             gate_up = layer.gate_up_proj(normed)  # (batch, 2 * intermediate)
             delta = layer.down_proj(native_ops.silu_mul(library, gate_up, activation))
         add_rms_norm(library, hidden, delta, self.final_norm, eps, normed)
-        return self.lm_head(normed).view(batch_size, 1, -1)
+        return self.lm_head(normed[-1:] if last_only else normed).view(-1, 1, self.config.vocab_size)
 
     def static_decode(
         self, hidden: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_cache: KVCache
