@@ -574,7 +574,7 @@ extern "C" void ember_decode_attention(const DecodeArguments* arguments, const f
         {
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < stores; task++) store_task(step, task / kv_heads, task % kv_heads);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  // a prompt chunk's tasks outweigh decode rows' many times
             for (int64_t task = 0; task < count; task++)
                 attend_task(step, tasks[task].first_row, tasks[task].rows, tasks[task].h);
         }

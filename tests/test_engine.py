@@ -81,6 +81,50 @@ def test_batched_decode_equals_single_runs_with_joins_and_leaves(tiny):
     assert max_batch >= 3
 
 
+def test_a_prompt_read_beside_running_streams_rides_in_their_decode_steps(tiny, monkeypatch):
+    """Where the model takes prompt rows in a decode step, a waiting prompt's chunks ride in the running
+    streams' forward calls (one pass over the weights) instead of forward calls of their own; every
+    sequence's tokens are those it gives alone (the ridden prompt's first one from its chunk's last row)."""
+    if tiny.model.prompt_rows_per_step == 0:
+        pytest.skip("the native operators are unavailable: prompts are read apart")
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    streams, waiting = [_prompt(70, 9), _prompt(71, 14)], _prompt(72, 90)
+    alone = [_tokens(tiny, prompt, params)[0] for prompt in [*streams, waiting]]
+    fresh = ember.load(tiny.info.path)  # an empty cache: nothing of these prompts kept from the runs alone
+    engine, model = fresh.engine, fresh.model
+    monkeypatch.setattr(engine, "interleaved_gap_ratio", 1000.0)  # as many rows as a step may hold
+    shapes: list[tuple[int, int, int]] = []  # (rows, new tokens per row, distinct slots) of each forward
+    forward = model.forward
+
+    def recording_forward(batch, cache):
+        shapes.append((batch.batch_size, batch.num_new_tokens, len(set(batch.slots))))
+        return forward(batch, cache)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    requests = [GenerationRequest(prompt, params) for prompt in [*streams, waiting]]
+    collected: dict[str, list[int]] = {r.request_id: [] for r in requests}
+
+    def step() -> None:
+        for output in engine.step():
+            if output.token_id is not None:
+                collected[output.request_id].append(output.token_id)
+
+    for request in requests[:2]:
+        engine.add_request(request)
+    while len(engine.running) < 2:
+        step()
+    step()  # a decode step alone: what a chunk's share is measured against
+    shapes.clear()
+    engine.add_request(requests[2])
+    while engine.has_unfinished():
+        step()
+    assert [collected[r.request_id] for r in requests] == alone
+    ridden = [rows - slots + 1 for rows, _, slots in shapes if rows > slots]  # chunk rows of each step
+    assert ridden == [30, 30, 30]  # the 32 rows a step holds, less the two streams
+    assert all(new == 1 for _, new, _ in shapes)  # no forward call of the prompt's own
+    assert max(rows for rows, _, _ in shapes) <= model.prompt_rows_per_step
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny):
     params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=10, ignore_eos=True) for seed in (1, 2)]
     prompts = [_prompt(20, 8), _prompt(21, 13)]
@@ -203,9 +247,10 @@ def test_the_prompt_budget_beside_running_streams_follows_the_measured_costs(tin
     engine._decode_seconds = engine._prefill_token_seconds = None
     assert engine._interleaved_budget() == engine.interleaved_prefill_chunk  # nothing measured yet
     engine._decode_seconds, engine._prefill_token_seconds = 0.010, 0.001  # a step, and a prompt token
-    assert engine._interleaved_budget() == 30  # 3 x 10 ms of prompt at 1 ms a token
+    assert engine._interleaved_budget() == 20  # 2 x 10 ms of prompt at 1 ms a token
     engine._prefill_token_seconds = 0.1
-    assert engine._interleaved_budget() == 8  # never below a chunk worth a forward call
+    assert engine._interleaved_budget() == 8  # never below a chunk worth a forward call of its own
+    assert engine._interleaved_budget(fewest=1) == 1  # a chunk riding in the decode step: one token
     engine._prefill_token_seconds = 1e-6
     assert engine._interleaved_budget() == engine.prefill_chunk_size  # nor above the plain chunk
     # Measured for real: a prompt read beside a running stream updates both averages.

@@ -21,6 +21,9 @@ class ForwardBatch:
     start_positions: list[int]  # (batch,) position of each sequence's first new token
     slots: list[int]  # (batch,) cache slot (or state slot) of each sequence
     all_logits: bool = False  # logits for every new token, not just the last one
+    # Rows (of a (batch, 1) step) whose logits are wanted, in order; None: all. Only models with
+    # `prompt_rows_per_step` read it (a prompt chunk riding in a decode step needs its last row at most).
+    logit_rows: list[int] | None = None
     positions: torch.Tensor = field(init=False)  # (batch, new_tokens)
     key_lengths: list[int] = field(init=False)  # (batch,) tokens in each sequence after this call
 
@@ -56,4 +59,7 @@ class ForwardBatch:
             return None
         start, count = self.start_positions[0], self.num_new_tokens
         positions = list(range(start, start + count))
-        return ForwardBatch(self.token_ids.view(count, 1), positions, self.slots * count, self.all_logits)
+        logit_rows = None if self.all_logits else [count - 1]
+        return ForwardBatch(
+            self.token_ids.view(count, 1), positions, self.slots * count, logit_rows=logit_rows
+        )

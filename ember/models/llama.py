@@ -127,6 +127,9 @@ class LlamaModel:
         # The fused decode step (`_decode`) runs on CPU float32 where the native operators build.
         native_possible = self.device.type == "cpu" and dtype == torch.float32
         self._native_ops = native_ops.load() if native_possible else None
+        # Rows a decode step's forward call may hold with prompt tokens riding in it (the engine's fused
+        # step): the native step takes them, sharing one pass over the weights. 0: prompts read apart.
+        self.prompt_rows_per_step = native_ops.CHUNK_ROWS if self._native_ops is not None else 0
         # ... and, where every projection has a native kernel, runs all layers in one native call
         self.native_layers = None
         if self._native_ops is not None:
@@ -160,7 +163,7 @@ class LlamaModel:
             and kv_cache.dtype == torch.float32
             and kv_cache.fits(rows.slots, rows.key_lengths)
         ):  # a short prompt chunk of one sequence: its tokens as rows of a decode step
-            logits = self._decode(rows, kv_cache, last_only=not batch.all_logits)
+            logits = self._decode(rows, kv_cache)
             return logits.view(1, -1, logits.shape[-1])
         config = self.config
         batch_size, num_new = batch.token_ids.shape
@@ -197,9 +200,9 @@ class LlamaModel:
         hidden = ops.rms_norm(hidden, self.final_norm, config.rms_norm_eps)
         return self.lm_head(hidden).float()
 
-    def _decode(self, batch: ForwardBatch, kv_cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """One new token per sequence through the fused native operators: the same math as `forward`.
-        `last_only`: logits of the last row alone (the rows are one prompt chunk).
+    def _decode(self, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
+        """One new token per row through the fused native operators: the same math as `forward`. Rows may
+        be prompt tokens (see `prompt_rows_per_step`); logits (logit rows, 1, vocab) of `batch.logit_rows`.
 
         Per layer four matrix products and three native calls (residual add with
         RMS norm, rotary + cache store + attention, silu gating) instead of ~25
@@ -223,7 +226,7 @@ class LlamaModel:
         )
         if self.native_layers is not None and batch_size <= self.native_layers.max_rows:
             normed = self.native_layers(hidden, attend, kv_cache)  # (batch, hidden): the final norm
-            return self.lm_head(normed[-1:] if last_only else normed).view(-1, 1, self.config.vocab_size)
+            return self._logits(normed, batch.logit_rows)
         # Buffers reused by every layer: each is consumed before the next layer overwrites it.
         normed = torch.empty_like(hidden)  # (batch, hidden)
         activation = torch.empty(batch_size, config.intermediate_size)  # (batch, intermediate)
@@ -236,7 +239,13 @@ class LlamaModel:
             gate_up = layer.gate_up_proj(normed)  # (batch, 2 * intermediate)
             delta = layer.down_proj(native_ops.silu_mul(library, gate_up, activation))
         add_rms_norm(library, hidden, delta, self.final_norm, eps, normed)
-        return self.lm_head(normed[-1:] if last_only else normed).view(-1, 1, self.config.vocab_size)
+        return self._logits(normed, batch.logit_rows)
+
+    def _logits(self, normed: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        """(rows, 1, vocab) logits of the chosen rows of the final-normed hidden state (all when None)."""
+        if rows is not None and rows != list(range(normed.shape[0])):
+            normed = normed[rows] if len(rows) != 1 else normed[rows[0] : rows[0] + 1]
+        return self.lm_head(normed).view(-1, 1, self.config.vocab_size)
 
     def static_decode(
         self, hidden: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor, kv_cache: KVCache
