@@ -125,6 +125,41 @@ def test_a_prompt_read_beside_running_streams_rides_in_their_decode_steps(tiny, 
     assert max(rows for rows, _, _ in shapes) <= model.prompt_rows_per_step
 
 
+def test_several_short_prompts_ride_in_one_decode_step(tiny, monkeypatch):
+    """Short prompts arriving together all ride in the next decode step, within its budget of prompt
+    tokens, and each then gives the tokens it gives alone."""
+    if tiny.model.prompt_rows_per_step == 0:
+        pytest.skip("the native operators are unavailable: prompts are read apart")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [_prompt(80, 11), _prompt(81, 5), _prompt(82, 7), _prompt(83, 6)]
+    alone = [_tokens(tiny, prompt, params)[0] for prompt in prompts]
+    fresh = ember.load(tiny.info.path)
+    engine = fresh.engine
+    monkeypatch.setattr(engine, "interleaved_gap_ratio", 1000.0)
+    requests = [GenerationRequest(prompt, params) for prompt in prompts]
+    collected: dict[str, list[int]] = {r.request_id: [] for r in requests}
+
+    def step() -> list[str]:
+        outputs = engine.step()
+        for output in outputs:
+            if output.token_id is not None:
+                collected[output.request_id].append(output.token_id)
+        return [output.request_id for output in outputs]
+
+    engine.add_request(requests[0])
+    while not engine.running:
+        step()
+    step()  # a decode step alone
+    for request in requests[1:]:
+        engine.add_request(request)
+    started = step()
+    assert {r.request_id for r in requests[1:]} <= set(started)  # 5 + 7 + 6 rows beside one stream
+    assert len(engine.running) == 4
+    while engine.has_unfinished():
+        step()
+    assert [collected[r.request_id] for r in requests] == alone
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny):
     params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=10, ignore_eos=True) for seed in (1, 2)]
     prompts = [_prompt(20, 8), _prompt(21, 13)]
@@ -250,7 +285,6 @@ def test_the_prompt_budget_beside_running_streams_follows_the_measured_costs(tin
     assert engine._interleaved_budget() == 20  # 2 x 10 ms of prompt at 1 ms a token
     engine._prefill_token_seconds = 0.1
     assert engine._interleaved_budget() == 8  # never below a chunk worth a forward call of its own
-    assert engine._interleaved_budget(fewest=1) == 1  # a chunk riding in the decode step: one token
     engine._prefill_token_seconds = 1e-6
     assert engine._interleaved_budget() == engine.prefill_chunk_size  # nor above the plain chunk
     # Measured for real: a prompt read beside a running stream updates both averages.

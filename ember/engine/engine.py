@@ -87,6 +87,7 @@ class Engine:
         self.interleaved_prefill_chunk = interleaved_prefill_chunk
         self.interleaved_gap_ratio = interleaved_gap_ratio
         self._decode_seconds: float | None = None  # moving average of a decode forward
+        self._steps_since_plain_decode = 0  # steps since one decoded without prompt rows riding
         self._prefill_token_seconds: float | None = None  # moving average per prompt token, small chunks
         self.stop_token_ids = frozenset(tokenizer.eos_token_ids)
         self.stop_token_texts = end_marker_stop_strings(tokenizer)
@@ -302,7 +303,7 @@ class Engine:
         outputs: list[StepOutput] = []
         try:
             self._take_inbox(outputs)
-            if not self._decode_running(outputs):  # else this step's prompt chunk rode in the decode
+            if not self._decode_running(outputs):  # else prompts rode in the decode, or wait a step
                 self._read_prompts(outputs)
         finally:
             self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
@@ -337,18 +338,23 @@ class Engine:
                     outputs.append(self._finish(sequence, "abort"))
 
     def _decode_running(self, outputs: list[StepOutput]) -> bool:
-        """One token for every running sequence; True when a prompt chunk rode in the same forward call."""
+        """One token for every running sequence; True when this step's prompt reading is done: chunks rode
+        in the same forward call, or the step decodes alone to measure what a decode costs now (one in
+        `_PLAIN_DECODE_EVERY` steps while prompts ride, since the running rows change as prompts join)."""
         decoding = list(self.running)
         self._reserve_decode_room(decoding, outputs)
         if not decoding:
             return False
-        rider = self._prompt_rider(outputs)
-        if rider is not None:
+        measuring = self._steps_since_plain_decode >= _PLAIN_DECODE_EVERY
+        riders = [] if measuring else self._prompt_riders(outputs)
+        if riders:
             try:
-                self._decode_with_rider(decoding, *rider, outputs)
+                self._decode_with_riders(decoding, riders, outputs)
+                self._steps_since_plain_decode += 1
                 return True
             except Exception:
-                log.exception("a decode step with a prompt chunk riding failed; decoding alone")
+                log.exception("a decode step with prompt chunks riding failed; decoding alone")
+        self._steps_since_plain_decode = 0
         try:
             started = time.perf_counter()
             sequences, logits = self._decode(decoding)
@@ -368,58 +374,72 @@ class Engine:
                 return
             logits = torch.stack(rows)
         self._accept_rows(sequences, logits, outputs)
-        return False
+        return measuring and bool(self.waiting)
 
-    def _prompt_rider(self, outputs: list[StepOutput]) -> tuple[Sequence, list[int]] | None:
-        """The head prompt's next chunk, to ride in this decode step, where the model takes prompt rows."""
-        most_rows = getattr(self.model, "prompt_rows_per_step", 0) - len(self.running)
-        if most_rows <= 0 or not self.waiting or self._decode_seconds is None:
-            return None  # (a decode step alone first: a chunk's cost is what a step takes beyond one)
-        sequence = self.waiting[0]
-        if sequence.status is SequenceStatus.WAITING:
-            running = sum(1 for s in self.running if s.status is SequenceStatus.RUNNING)
-            if running >= self.max_batch_size or not self._start_prefill(sequence, outputs):
-                return None
-            if sequence.status is SequenceStatus.FINISHED:
-                return None  # it could not start (its failure is in outputs); the next step goes on
-        prompt, start = sequence.all_token_ids, len(sequence.cache_entry.token_ids)
-        count = min(self._interleaved_budget(fewest=1), most_rows, len(prompt) - start)
-        return sequence, prompt[start : start + count]
+    def _prompt_riders(self, outputs: list[StepOutput]) -> list[tuple[Sequence, list[int]]]:
+        """Chunks of the waiting prompts, in queue order up to the step's budget of prompt tokens, to ride
+        in this decode step where the model takes prompt rows: every one but the last ends its prompt."""
+        rows_left = getattr(self.model, "prompt_rows_per_step", 0) - len(self.running)
+        if rows_left <= 0 or self._decode_seconds is None:
+            return []  # (a decode step alone first: a chunk's cost is what a step takes beyond one)
+        budget = min(self._interleaved_budget(_FEWEST_RIDING_TOKENS), rows_left)
+        riders: list[tuple[Sequence, list[int]]] = []
+        joining = sum(1 for s in self.running if s.status is SequenceStatus.RUNNING)
+        for sequence in list(self.waiting):
+            if budget <= 0:
+                break
+            if sequence.status is SequenceStatus.WAITING:
+                if joining >= self.max_batch_size or not self._start_prefill(sequence, outputs):
+                    break
+                if sequence.status is SequenceStatus.FINISHED:
+                    continue  # it could not start (its failure is in outputs)
+            prompt, start = sequence.all_token_ids, len(sequence.cache_entry.token_ids)
+            chunk = prompt[start : start + budget]
+            riders.append((sequence, chunk))
+            budget -= len(chunk)
+            joining += 1
+            if start + len(chunk) < len(prompt):
+                break  # more of this prompt next step
+        return riders
 
-    def _decode_with_rider(
-        self, decoding: list[Sequence], rider: Sequence, chunk: list[int], outputs: list[StepOutput]
+    def _decode_with_riders(
+        self, decoding: list[Sequence], riders: list[tuple[Sequence, list[int]]], outputs: list[StepOutput]
     ) -> None:
-        """One forward call: each running sequence's last token, then the rider's chunk as rows at its next
-        positions; logits for the running rows, and for the chunk's last row when it ends the prompt."""
-        entry = rider.cache_entry
-        start = len(entry.token_ids)
-        done = start + len(chunk) == len(rider.all_token_ids)
-        logit_rows = list(range(len(decoding))) + ([len(decoding) + len(chunk) - 1] if done else [])
+        """One forward call: each running sequence's last token, then each rider's chunk as rows at its next
+        positions; logits for the running rows, and for the last row of each chunk that ends its prompt."""
+        token_ids = [[s.output_token_ids[-1]] for s in decoding]
+        start_positions = [len(s.cache_entry.token_ids) for s in decoding]
+        slots = [s.cache_entry.slot for s in decoding]
+        logit_rows, finished = list(range(len(decoding))), []
+        for sequence, chunk in riders:
+            start = len(sequence.cache_entry.token_ids)
+            token_ids += [[token] for token in chunk]
+            start_positions += range(start, start + len(chunk))
+            slots += [sequence.cache_entry.slot] * len(chunk)
+            if start + len(chunk) == len(sequence.all_token_ids):
+                logit_rows.append(len(slots) - 1)
+                finished.append(sequence)
         batch = ForwardBatch(
-            token_ids=torch.tensor(
-                [[s.output_token_ids[-1]] for s in decoding] + [[token] for token in chunk],
-                device=self.model.device,
-            ),
-            start_positions=[len(s.cache_entry.token_ids) for s in decoding]
-            + list(range(start, start + len(chunk))),
-            slots=[s.cache_entry.slot for s in decoding] + [entry.slot] * len(chunk),
-            logit_rows=logit_rows,
+            torch.tensor(token_ids, device=self.model.device), start_positions, slots, logit_rows=logit_rows
         )
         started = time.perf_counter()
         logits = self.model.forward(batch, self.kv_cache)[:, -1].cpu()  # (logit rows, vocab)
         elapsed = time.perf_counter() - started
-        if self._decode_seconds is not None:  # the chunk's share: what the step took beyond a decode alone
-            share = max(elapsed - self._decode_seconds, 1e-6 * len(chunk)) / len(chunk)
-            self._prefill_token_seconds = _moving_average(self._prefill_token_seconds, share)
+        if len(logits) != len(logit_rows):  # a model path that gives every row's logits
+            logits = logits[logit_rows]
+        ridden = len(token_ids) - len(decoding)
+        # the chunks' share of the step: what it took beyond a decode step alone
+        share = max(elapsed - self._decode_seconds, 1e-6 * ridden) / ridden
+        self._prefill_token_seconds = _moving_average(self._prefill_token_seconds, share)
         for sequence in decoding:
             sequence.cache_entry.token_ids.append(sequence.output_token_ids[-1])
-        entry.token_ids.extend(chunk)
-        self._report_progress(
-            len(entry.token_ids) - rider.prefill_reused, len(rider.all_token_ids) - rider.prefill_reused
-        )
+        for sequence, chunk in riders:
+            sequence.cache_entry.token_ids.extend(chunk)
+            read, total = len(sequence.cache_entry.token_ids), len(sequence.all_token_ids)
+            self._report_progress(read - sequence.prefill_reused, total - sequence.prefill_reused)
         self._accept_rows(decoding, logits[: len(decoding)], outputs)
-        if done:
-            self._prompt_done(rider, logits[-1], outputs)
+        for sequence, row in zip(finished, logits[len(decoding) :]):
+            self._prompt_done(sequence, row, outputs)
 
     def _reserve_decode_room(self, decoding: list[Sequence], outputs: list[StepOutput]) -> None:
         """Grow the cache for this step's keys, preempting the newest sequences when it cannot."""
@@ -505,8 +525,8 @@ class Engine:
             self._prompt_done(sequence, logits, outputs)
 
     def _prompt_done(self, sequence: Sequence, logits: torch.Tensor, outputs: list[StepOutput]) -> None:
-        """The head's prompt is read: its first token, and it joins the running sequences."""
-        self.waiting.popleft()
+        """A waiting prompt is read: its first token, and it joins the running sequences."""
+        self.waiting.remove(sequence)
         sequence.prefill_seconds = time.perf_counter() - sequence.prefill_started_at
         output = self._choose_and_accept(sequence, logits)
         if sequence.status is not SequenceStatus.FINISHED:
@@ -516,8 +536,8 @@ class Engine:
 
     def _interleaved_budget(self, fewest: int = 8) -> int:
         """Prompt tokens a step may read while streams decode (see `interleaved_gap_ratio`), at least
-        `fewest`: a chunk read in a forward call of its own needs enough rows to be worth the pass over the
-        weights; one riding in the decode step's call shares that pass, so a single token is worth it."""
+        `fewest`: a chunk read in a forward call of its own needs rows to be worth the pass over the
+        weights, one riding in the decode step's call shares that pass (`_FEWEST_RIDING_TOKENS`)."""
         if self._decode_seconds is None or self._prefill_token_seconds is None:
             return min(self.interleaved_prefill_chunk, self.prefill_chunk_size)
         tokens = int(self.interleaved_gap_ratio * self._decode_seconds / self._prefill_token_seconds)
@@ -540,7 +560,7 @@ class Engine:
                 self.kv_cache.release(entry, keep=True)
             if isinstance(error, CacheFullError) and self._someone_holds_cache(sequence):
                 return False  # a running sequence will finish and free room
-            self.waiting.popleft()
+            self.waiting.remove(sequence)
             kind = (
                 FailureKind.CACHE_BUSY if isinstance(error, CacheEntryBusyError) else FailureKind.CACHE_BUDGET
             )
@@ -704,6 +724,15 @@ class Engine:
             logprob=choice.logprob if choice is not None else None,
             top_logprobs=choice.top_logprobs if choice is not None else None,
         )
+
+
+# The fewest prompt tokens a step lets ride in its decode. Fewer than a separate chunk's 8: at 3,000
+# cached tokens each SmolLM2 prompt token costs ~5 ms here, so 8 of them take 3x a 4-stream decode step.
+_FEWEST_RIDING_TOKENS = 2
+# While prompts ride, a decode step alone once in this many steps, so that a chunk's share (the step's time
+# beyond a decode alone) is measured against a decode of the rows running now. Measured once, a decode of
+# the first stream made 15 joining ones look like prompt cost, and 16 short prompts took 100 steps to start.
+_PLAIN_DECODE_EVERY = 8
 
 
 def _moving_average(average: float | None, sample: float, weight: float = 0.2) -> float:
