@@ -282,7 +282,7 @@ def test_the_prompt_budget_beside_running_streams_follows_the_measured_costs(tin
     engine._decode_seconds = engine._prefill_token_seconds = None
     assert engine._interleaved_budget() == engine.interleaved_prefill_chunk  # nothing measured yet
     engine._decode_seconds, engine._prefill_token_seconds = 0.010, 0.001  # a step, and a prompt token
-    assert engine._interleaved_budget() == 20  # 2 x 10 ms of prompt at 1 ms a token
+    assert engine._interleaved_budget() == 15  # 1.5 x 10 ms of prompt at 1 ms a token
     engine._prefill_token_seconds = 0.1
     assert engine._interleaved_budget() == 8  # never below a chunk worth a forward call of its own
     engine._prefill_token_seconds = 1e-6

@@ -66,7 +66,7 @@ class Engine:
         max_batch_size: int = 16,
         prefill_chunk_size: int = 512,
         interleaved_prefill_chunk: int = 64,
-        interleaved_gap_ratio: float = 2.0,
+        interleaved_gap_ratio: float = 1.5,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -81,9 +81,10 @@ class Engine:
         # it, not for 512 tokens of somebody's prompt. The chunk starts at `interleaved_prefill_chunk`
         # and then follows the measured costs: prompt reading takes about `interleaved_gap_ratio`
         # decode steps' time, so a stream's gaps stay within (1 + ratio) times its plain decode gap
-        # on any model and machine, and prompts are still read as fast as that allows. At 3, ember
-        # serve's p99 gap beside a 3,000-token prompt was 5.8-6.3x the median (the target is 5x); at
-        # 2 it was 4.9x, and that prompt took 26 instead of 20 s to read.
+        # on any model and machine, and prompts are still read as fast as that allows. Beside a
+        # 3,000-token prompt on 2 Zen 3 cores, ember serve's p99 gap was 5.8-6.3x the median at 3
+        # (the target is 5x), 4.1-5.2x at 2 and 3.8-4.1x at 1.5, where that prompt took 27 s to read
+        # (21 s at 3) and 15 short prompts arriving together took 73 steps to start (49 at 2).
         self.interleaved_prefill_chunk = interleaved_prefill_chunk
         self.interleaved_gap_ratio = interleaved_gap_ratio
         self._decode_seconds: float | None = None  # moving average of a decode forward
