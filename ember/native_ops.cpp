@@ -379,6 +379,7 @@ void attend(const float* query, const KeyRun* runs, int64_t num_runs, int64_t le
         case 80: return attend_avx512<5>(query, runs, num_runs, length, stride, group, scores, out, limits);
         case 96: return attend_avx512<6>(query, runs, num_runs, length, stride, group, scores, out, limits);
         case 128: return attend_avx512<8>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 256: return attend_avx512<16>(query, runs, num_runs, length, stride, group, scores, out, limits);
         default: break;
     }
 #elif defined(EMBER_OPS_AVX2)
@@ -388,6 +389,7 @@ void attend(const float* query, const KeyRun* runs, int64_t num_runs, int64_t le
         case 80: return attend_avx2<10>(query, runs, num_runs, length, stride, group, scores, out, limits);
         case 96: return attend_avx2<12>(query, runs, num_runs, length, stride, group, scores, out, limits);
         case 128: return attend_avx2<16>(query, runs, num_runs, length, stride, group, scores, out, limits);
+        case 256: return attend_avx2<32>(query, runs, num_runs, length, stride, group, scores, out, limits);
         default: break;
     }
 #endif

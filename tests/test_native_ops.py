@@ -101,7 +101,7 @@ def _reference_decode_attention(qkv, rotations, key_cache, value_cache, slots, p
 @needs_library
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2)])  # GQA ratios 1, 3, 4
 @pytest.mark.parametrize("window", [None, 8])
-@pytest.mark.parametrize("head_dim", [64, 32, 128, 24])  # 24: the portable (non-register) kernel
+@pytest.mark.parametrize("head_dim", [64, 32, 128, 256, 24])  # 256: Gemma 3; 24: the portable loop
 @pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize(
     "slots,positions",
