@@ -125,6 +125,44 @@ def test_a_prompt_read_beside_running_streams_rides_in_their_decode_steps(tiny, 
     assert max(rows for rows, _, _ in shapes) <= model.prompt_rows_per_step
 
 
+def test_a_failing_decode_step_with_riders_decodes_alone_and_reads_the_prompt_apart(tiny, monkeypatch):
+    """A forward call with prompt rows riding that raises changes nothing: the same step decodes alone and
+    reads the prompt in a forward call of its own, and every sequence still gives its tokens alone."""
+    if tiny.model.prompt_rows_per_step == 0:
+        pytest.skip("the native operators are unavailable: prompts are read apart")
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [_prompt(90, 12), _prompt(91, 40)]
+    alone = [_tokens(tiny, prompt, params)[0] for prompt in prompts]
+    fresh = ember.load(tiny.info.path)
+    engine, model = fresh.engine, fresh.model
+    forward, refused = model.forward, []
+
+    def refusing_forward(batch, cache):
+        if batch.batch_size > len(set(batch.slots)):  # a prompt chunk rides
+            refused.append(batch.batch_size)
+            raise RuntimeError("no riders today")
+        return forward(batch, cache)
+
+    monkeypatch.setattr(model, "forward", refusing_forward)
+    requests = [GenerationRequest(prompt, params) for prompt in prompts]
+    collected: dict[str, list[int]] = {r.request_id: [] for r in requests}
+
+    def step() -> None:
+        for output in engine.step():
+            if output.token_id is not None:
+                collected[output.request_id].append(output.token_id)
+
+    engine.add_request(requests[0])
+    while not engine.running:
+        step()
+    step()
+    engine.add_request(requests[1])
+    while engine.has_unfinished():
+        step()
+    assert refused  # riding was tried
+    assert [collected[r.request_id] for r in requests] == alone
+
+
 def test_several_short_prompts_ride_in_one_decode_step(tiny, monkeypatch):
     """Short prompts arriving together all ride in the next decode step, within its budget of prompt
     tokens, and each then gives the tokens it gives alone."""

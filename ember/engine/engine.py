@@ -350,11 +350,13 @@ class Engine:
         riders = [] if measuring else self._prompt_riders(outputs)
         if riders:
             try:
-                self._decode_with_riders(decoding, riders, outputs)
+                logits, finished = self._forward_with_riders(decoding, riders)
+            except Exception:  # nothing is counted as read yet: the same step decodes alone instead
+                log.exception("a decode step with prompt chunks riding failed; decoding alone")
+            else:
+                self._riders_read(decoding, riders, logits, finished, outputs)
                 self._steps_since_plain_decode += 1
                 return True
-            except Exception:
-                log.exception("a decode step with prompt chunks riding failed; decoding alone")
         self._steps_since_plain_decode = 0
         try:
             started = time.perf_counter()
@@ -403,11 +405,12 @@ class Engine:
                 break  # more of this prompt next step
         return riders
 
-    def _decode_with_riders(
-        self, decoding: list[Sequence], riders: list[tuple[Sequence, list[int]]], outputs: list[StepOutput]
-    ) -> None:
+    def _forward_with_riders(
+        self, decoding: list[Sequence], riders: list[tuple[Sequence, list[int]]]
+    ) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward call: each running sequence's last token, then each rider's chunk as rows at its next
-        positions; logits for the running rows, and for the last row of each chunk that ends its prompt."""
+        positions. Returns logits (rows, vocab) for the running rows, then for the last row of each chunk
+        that ends its prompt, and those riders. Changes nothing but the cache's contents past each end."""
         token_ids = [[s.output_token_ids[-1]] for s in decoding]
         start_positions = [len(s.cache_entry.token_ids) for s in decoding]
         slots = [s.cache_entry.slot for s in decoding]
@@ -432,6 +435,18 @@ class Engine:
         # the chunks' share of the step: what it took beyond a decode step alone
         share = max(elapsed - self._decode_seconds, 1e-6 * ridden) / ridden
         self._prefill_token_seconds = _moving_average(self._prefill_token_seconds, share)
+        return logits, finished
+
+    def _riders_read(
+        self,
+        decoding: list[Sequence],
+        riders: list[tuple[Sequence, list[int]]],
+        logits: torch.Tensor,
+        finished: list[Sequence],
+        outputs: list[StepOutput],
+    ) -> None:
+        """After `_forward_with_riders`: the tokens counted as cached, the running rows' tokens chosen, and
+        each finished prompt's first token."""
         for sequence in decoding:
             sequence.cache_entry.token_ids.append(sequence.output_token_ids[-1])
         for sequence, chunk in riders:
