@@ -382,6 +382,8 @@ class Engine:
     def _prompt_riders(self, outputs: list[StepOutput]) -> list[tuple[Sequence, list[int]]]:
         """Chunks of the waiting prompts, in queue order up to the step's budget of prompt tokens, to ride
         in this decode step where the model takes prompt rows: every one but the last ends its prompt."""
+        if not self.waiting:  # most decode steps: nothing to ride
+            return []
         rows_left = getattr(self.model, "prompt_rows_per_step", 0) - len(self.running)
         if rows_left <= 0 or self._decode_seconds is None:
             return []  # (a decode step alone first: a chunk's cost is what a step takes beyond one)
