@@ -40,7 +40,8 @@ def test_product_matches_gguf_dequantize_in_float64(quant_type, rows):
     data = random_blocks(quant_type, out_features, in_features, seed=rows)
     weight = gguf_dequantize(data, getattr(gguf.GGMLQuantizationType, quant_type)).astype(np.float64)
     weight = weight.reshape(out_features, in_features)
-    layer = GGMLLinear(BlockQuantizedTensor("w", quant_type, (out_features, in_features), data))
+    tensor = BlockQuantizedTensor("w", quant_type, (out_features, in_features), data)
+    layer = GGMLLinear(tensor, rounded_activations=False)  # float32 activations: every kernel's exact form
     assert np.array_equal(layer.dequantized_weight().numpy(), weight.astype(np.float32))
     x = torch.randn(rows, in_features)
     expected = x.double().numpy() @ weight.T
@@ -66,7 +67,8 @@ def test_lane_layout_holds_the_same_values_and_products(quant_type, rows):
     weight = gguf_dequantize(data, getattr(gguf.GGMLQuantizationType, quant_type)).astype(np.float64)
     weight = weight.reshape(out_features, in_features)
     tensor = BlockQuantizedTensor("w", quant_type, (out_features, in_features), data)
-    lanes, blocks = GGMLLinear(tensor, lanes=True), GGMLLinear(tensor, lanes=False)
+    lanes = GGMLLinear(tensor, lanes=True, rounded_activations=False)
+    blocks = GGMLLinear(tensor, lanes=False)
     assert lanes.kernel == native_ggml.LANES4 and "4-bit lanes" in lanes.kernel_name
     assert np.array_equal(lanes.dequantized_weight().numpy(), weight.astype(np.float32))
     ids = torch.tensor([[5, 0], [36, 5]])
@@ -77,6 +79,75 @@ def test_lane_layout_holds_the_same_values_and_products(quant_type, rows):
     assert (np.abs(lanes(x).double().numpy() - expected) <= bound).all()
     if rows <= NATIVE_GGML_ROWS:  # decode rows: a row's product does not depend on the others in the call
         assert torch.equal(lanes(x)[-1:], lanes(x[-1:]))
+
+
+def rounded_reference(layer: GGMLLinear, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """What the 8-bit-activation lane kernel computes, in float64, and a bound on its float32 rounding.
+
+    Each 32 activations round to q = rint(x * (127 / max |x|)) with dx = max |x| / 127 (float32 steps, as
+    the kernel takes them); a group's dot is scale * dx * sum(code * q) - offset * sum(x), which with
+    value = scale * code - offset is dx * sum(value * q) + offset * (dx * sum(q) - sum(x))."""
+    groups = layer.in_features // 32
+    rows = x.numpy().astype(np.float32).reshape(len(x), groups, 32)
+    largest = np.abs(rows).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(largest > 0, np.float32(127) / largest, np.float32(0)).astype(np.float32)
+    q = np.rint(rows * inverse).astype(np.float64)
+    dx = (largest / np.float32(127)).astype(np.float64)
+    fields = layer.blocks.numpy().reshape(layer.out_features, -1, 48)[..., :16].copy().view("<f4")
+    offsets = fields[..., 1::2].reshape(layer.out_features, groups).astype(np.float64)  # (out, groups)
+    values = layer.dequantized_weight().double().numpy().reshape(layer.out_features, groups, 32)
+    scaled = np.einsum("ogi,rgi->rog", values, dx * q)  # (rows, out, groups)
+    correction = (dx[..., 0] * q.sum(-1))[:, None, :] - rows.sum(-1, dtype=np.float64)[:, None, :]
+    expected = (scaled + offsets[None] * correction).sum(-1)
+    magnitude = np.einsum("ogi,rgi->ro", np.abs(values + offsets[..., None]), dx * np.abs(q))
+    magnitude += (np.abs(offsets) @ np.abs(rows).sum(-1).astype(np.float64).T).T  # the offsets' sums of x
+    return expected, layer.in_features * 2.0**-24 * magnitude
+
+
+@pytest.mark.parametrize("quant_type", LANE_TYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 32])
+def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type, rows):
+    """The lane layout's decode kernel with 8-bit activations: its products equal the integer dots of the
+    rounded activations with the file's codes (within float32 rounding of the group sums), differ from the
+    exact product by no more than the activations' rounding can move them, and a row's product is the
+    same alone and in a batch."""
+    if native_ggml.load() is None:
+        pytest.skip("the GGML block kernels did not build here")
+    values = BLOCK_SIZES[quant_type][0]
+    out_features, in_features = 37, 3 * values if values == 256 else 10 * values
+    data = random_blocks(quant_type, out_features, in_features, seed=200 + rows)
+    tensor = BlockQuantizedTensor("w", quant_type, (out_features, in_features), data)
+    layer = GGMLLinear(tensor, lanes=True, rounded_activations=True)
+    assert layer.kernel == native_ggml.LANES4_Q8 and "8-bit activations" in layer.kernel_name
+    x = torch.randn(rows, in_features)
+    x[0, :32] = 0.0  # a group of zeros rounds to zero codes with a zero scale
+    got = layer(x).double().numpy()
+    expected, bound = rounded_reference(layer, x)
+    assert (np.abs(got - expected) <= bound).all()
+    weight = layer.dequantized_weight().double().numpy()
+    exact = x.double().numpy() @ weight.T
+    # scale * code = value + offset meets dx * q in place of x: |x - dx * q| <= dx / 2 = max |x| / 254
+    fields = layer.blocks.numpy().reshape(out_features, -1, 48)[..., :16].copy().view("<f4")
+    offsets = fields[..., 1::2].reshape(out_features, -1, 1).astype(np.float64)
+    scaled_codes = np.abs(weight.reshape(out_features, -1, 32) + offsets).sum(-1)  # (out, groups)
+    largest = x.reshape(rows, -1, 32).abs().amax(-1).double().numpy()  # (rows, groups)
+    rounding = (scaled_codes @ (largest / 254).T).T
+    assert (np.abs(got - exact) <= rounding + bound).all()
+    assert not np.array_equal(got, exact)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(rows)])
+    assert torch.equal(layer(x), alone)
+
+
+def test_rounded_activations_are_the_avx2_default_and_can_be_turned_off(monkeypatch):
+    data = random_blocks("Q4_1", 8, 128, 5)
+    tensor = BlockQuantizedTensor("w", "Q4_1", (8, 128), data)
+    if native_ggml.instruction_set() == "avx2":
+        assert GGMLLinear(tensor).kernel == native_ggml.LANES4_Q8
+        monkeypatch.setenv("EMBER_EXACT_ACTIVATIONS", "1")
+        assert GGMLLinear(tensor).kernel == native_ggml.LANES4
+    with pytest.raises(ValueError, match="need the lane layout"):
+        GGMLLinear(tensor, lanes=False, rounded_activations=True)
 
 
 @pytest.mark.parametrize("quant_type", ["Q8_0", "Q5_0", "Q4_0"])

@@ -27,8 +27,10 @@ KERNEL_TYPES: dict[str, str] = {
 }  # fmt: skip
 
 # The 4-bit lane layout (`nibble_lanes.py`): Q4_0, Q4_1 and Q4_K rows rearranged at load, one kernel for all
+# with float32 activations (exact) and one that rounds the activations to 8 bits per 32 values (integer dots)
 LANES4 = "LANES4"
-_STEMS: dict[str, str] = {**KERNEL_TYPES, LANES4: "lanes4"}
+LANES4_Q8 = "LANES4_Q8"
+_STEMS: dict[str, str] = {**KERNEL_TYPES, LANES4: "lanes4", LANES4_Q8: "lanes4_q8"}
 
 _SOURCE_FILE = Path(__file__).with_name("ggml_kernels.cpp")
 
@@ -63,7 +65,7 @@ def instruction_set() -> str:
 
 
 def matmul_address(kernel: str) -> int:
-    """The address of a kernel's matmul (a GGML type, or LANES4), for tables the C side calls through."""
+    """The address of a kernel's matmul (a GGML type, LANES4 or LANES4_Q8), for the C side's tables."""
     return function_address(getattr(load(), f"ember_ggml_{_STEMS[kernel]}_matmul"))
 
 
@@ -73,7 +75,7 @@ def concat_address() -> int:
 
 def matmul(kernel_name: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (M, K) float32 contiguous times the (out_features, K) weight in `blocks` -> (M, out_features).
-    `kernel_name` is the GGML type of the blocks, or LANES4 for rows in the lane layout."""
+    `kernel_name` is the GGML type of the blocks, or LANES4 / LANES4_Q8 for rows in the lane layout."""
     rows, columns = x.shape
     y = torch.empty(rows, out_features, dtype=torch.float32)
     kernel = getattr(load(), f"ember_ggml_{_STEMS[kernel_name]}_matmul")
