@@ -81,12 +81,23 @@ def test_lane_layout_holds_the_same_values_and_products(quant_type, rows):
         assert torch.equal(lanes(x)[-1:], lanes(x[-1:]))
 
 
+def lane_offsets(layer: GGMLLinear) -> np.ndarray:
+    """(out, groups) float64: each 32-value group's offset (value = scale * code - offset) in the lane
+    layout's record fields; zeros for blocks whose value is d * code."""
+    groups = layer.in_features // 32
+    if layer.kernel != native_ggml.LANES4_Q8:
+        return np.zeros((layer.out_features, groups))
+    fields = layer.blocks.numpy().reshape(layer.out_features, -1, 48)[..., :16].copy().view("<f4")
+    return fields[..., 1::2].reshape(layer.out_features, groups).astype(np.float64)
+
+
 def rounded_reference(layer: GGMLLinear, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """What the 8-bit-activation lane kernel computes, in float64, and a bound on its float32 rounding.
+    """What an 8-bit-activation kernel computes, in float64, and a bound on its float32 rounding.
 
     Each 32 activations round to q = rint(x * (127 / max |x|)) with dx = max |x| / 127 (float32 steps, as
-    the kernel takes them); a group's dot is scale * dx * sum(code * q) - offset * sum(x), which with
-    value = scale * code - offset is dx * sum(value * q) + offset * (dx * sum(q) - sum(x))."""
+    the kernel takes them). A group's dot is d * dx * sum(code * q) for blocks whose value is d * code,
+    and scale * dx * sum(code * q) - offset * sum(x) in the lane layout; with value = scale * code -
+    offset, both are dx * sum(value * q) + offset * (dx * sum(q) - sum(x))."""
     groups = layer.in_features // 32
     rows = x.numpy().astype(np.float32).reshape(len(x), groups, 32)
     largest = np.abs(rows).max(axis=-1, keepdims=True)
@@ -94,8 +105,7 @@ def rounded_reference(layer: GGMLLinear, x: torch.Tensor) -> tuple[np.ndarray, n
         inverse = np.where(largest > 0, np.float32(127) / largest, np.float32(0)).astype(np.float32)
     q = np.rint(rows * inverse).astype(np.float64)
     dx = (largest / np.float32(127)).astype(np.float64)
-    fields = layer.blocks.numpy().reshape(layer.out_features, -1, 48)[..., :16].copy().view("<f4")
-    offsets = fields[..., 1::2].reshape(layer.out_features, groups).astype(np.float64)  # (out, groups)
+    offsets = lane_offsets(layer)  # (out, groups)
     values = layer.dequantized_weight().double().numpy().reshape(layer.out_features, groups, 32)
     scaled = np.einsum("ogi,rgi->rog", values, dx * q)  # (rows, out, groups)
     correction = (dx[..., 0] * q.sum(-1))[:, None, :] - rows.sum(-1, dtype=np.float64)[:, None, :]
@@ -105,21 +115,23 @@ def rounded_reference(layer: GGMLLinear, x: torch.Tensor) -> tuple[np.ndarray, n
     return expected, layer.in_features * 2.0**-24 * magnitude
 
 
-@pytest.mark.parametrize("quant_type", LANE_TYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 9, 32])
-def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type, rows):
-    """The lane layout's decode kernel with 8-bit activations: its products equal the integer dots of the
-    rounded activations with the file's codes (within float32 rounding of the group sums), differ from the
-    exact product by no more than the activations' rounding can move them, and a row's product is the
-    same alone and in a batch."""
+@pytest.mark.parametrize(
+    "quant_type, lanes", [("Q4_0", True), ("Q4_1", True), ("Q4_K", True), ("Q8_0", False), ("Q5_0", False)]
+)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 32])
+def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type, lanes, rows):
+    """The decode kernels with 8-bit activations (the lane layout, Q8_0 and Q5_0 blocks): their products
+    equal the integer dots of the rounded activations with the file's codes (within float32 rounding of
+    the group sums), differ from the exact product by no more than the activations' rounding can move
+    them, and a row's product is the same alone and in a batch."""
     if native_ggml.load() is None:
         pytest.skip("the GGML block kernels did not build here")
     values = BLOCK_SIZES[quant_type][0]
     out_features, in_features = 37, 3 * values if values == 256 else 10 * values
     data = random_blocks(quant_type, out_features, in_features, seed=200 + rows)
     tensor = BlockQuantizedTensor("w", quant_type, (out_features, in_features), data)
-    layer = GGMLLinear(tensor, lanes=True, rounded_activations=True)
-    assert layer.kernel == native_ggml.LANES4_Q8 and "8-bit activations" in layer.kernel_name
+    layer = GGMLLinear(tensor, lanes=lanes, rounded_activations=True)
+    assert "8-bit activations" in layer.kernel_name
     x = torch.randn(rows, in_features)
     x[0, :32] = 0.0  # a group of zeros rounds to zero codes with a zero scale
     got = layer(x).double().numpy()
@@ -127,10 +139,8 @@ def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type
     assert (np.abs(got - expected) <= bound).all()
     weight = layer.dequantized_weight().double().numpy()
     exact = x.double().numpy() @ weight.T
-    # scale * code = value + offset meets dx * q in place of x: |x - dx * q| <= dx / 2 = max |x| / 254
-    fields = layer.blocks.numpy().reshape(out_features, -1, 48)[..., :16].copy().view("<f4")
-    offsets = fields[..., 1::2].reshape(out_features, -1, 1).astype(np.float64)
-    scaled_codes = np.abs(weight.reshape(out_features, -1, 32) + offsets).sum(-1)  # (out, groups)
+    # the codes' values (value + offset) meet dx * q in place of x: |x - dx * q| <= dx / 2 = max |x| / 254
+    scaled_codes = np.abs(weight.reshape(out_features, -1, 32) + lane_offsets(layer)[..., None]).sum(-1)
     largest = x.reshape(rows, -1, 32).abs().amax(-1).double().numpy()  # (rows, groups)
     rounding = (scaled_codes @ (largest / 254).T).T
     assert (np.abs(got - exact) <= rounding + bound).all()
@@ -142,22 +152,28 @@ def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type
 def test_rounded_activations_are_the_avx2_default_and_can_be_turned_off(monkeypatch):
     data = random_blocks("Q4_1", 8, 128, 5)
     tensor = BlockQuantizedTensor("w", "Q4_1", (8, 128), data)
+    q8 = BlockQuantizedTensor("w", "Q8_0", (8, 128), random_blocks("Q8_0", 8, 128, 6))
     if native_ggml.instruction_set() == "avx2":
         assert GGMLLinear(tensor).kernel == native_ggml.LANES4_Q8
+        assert GGMLLinear(q8).kernel == native_ggml.ROUNDED_BLOCK_KERNELS["Q8_0"]
         monkeypatch.setenv("EMBER_EXACT_ACTIVATIONS", "1")
         assert GGMLLinear(tensor).kernel == native_ggml.LANES4
-    with pytest.raises(ValueError, match="need the lane layout"):
+        assert GGMLLinear(q8).kernel == "Q8_0"
+    with pytest.raises(ValueError, match="no kernel with rounded activations"):
         GGMLLinear(tensor, lanes=False, rounded_activations=True)
 
 
-@pytest.mark.parametrize("quant_type", ["Q8_0", "Q5_0", "Q4_0"])
-def test_avx2_decode_rows_equal_each_row_alone(quant_type):
+@pytest.mark.parametrize(
+    "quant_type, rounded", [("Q8_0", False), ("Q5_0", False), ("Q4_0", False), ("Q8_0", True)]
+)
+def test_avx2_decode_rows_equal_each_row_alone(quant_type, rounded):
     """Where the products are AVX2 (no AVX-512), a batch's decode rows take the one-row kernel's order of
     sums, so a sequence's logits do not depend on how many others share its step."""
     if native_ggml.instruction_set() != "avx2":
         pytest.skip("the fused one-row kernels are built for AVX2 without AVX-512")
     data = random_blocks(quant_type, 21, 320, 11)
-    layer = GGMLLinear(BlockQuantizedTensor("w", quant_type, (21, 320), data), lanes=False)
+    tensor = BlockQuantizedTensor("w", quant_type, (21, 320), data)
+    layer = GGMLLinear(tensor, lanes=False, rounded_activations=rounded)
     x = torch.randn(NATIVE_GGML_ROWS, 320)
     alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
     for rows in (2, 3, 4, 7, NATIVE_GGML_ROWS):
@@ -171,7 +187,7 @@ def test_lane_layout_only_where_rows_hold_whole_records():
     with pytest.raises(ValueError, match="no lane layout"):
         GGMLLinear(tensor, lanes=True)
     q5 = BlockQuantizedTensor("w", "Q5_0", (4, 64), random_blocks("Q5_0", 4, 64, 8))
-    assert GGMLLinear(q5).kernel == "Q5_0"
+    assert GGMLLinear(q5).kernel in ("Q5_0", native_ggml.ROUNDED_BLOCK_KERNELS["Q5_0"])  # no lanes
 
 
 def test_mixed_types_fuse_side_by_side():

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
@@ -25,7 +26,8 @@
 namespace {
 
 enum BlockType {
-    kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7, kLanes4 = 8, kLanes4Q8 = 9
+    kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7, kLanes4 = 8, kLanes4Q8 = 9,
+    kQ8_0Q8 = 10, kQ5_0Q8 = 11  // Q8_0 and Q5_0 blocks, multiplied with 8-bit activations
 };
 
 inline float half_to_float(const uint8_t* bytes) {
@@ -340,7 +342,8 @@ struct Format {
 constexpr Format kFormats[] = {
     {256, 144, expand_q4_k}, {256, 176, expand_q5_k}, {256, 210, expand_q6_k}, {32, 22, expand_q5<false>},
     {32, 24, expand_q5<true>}, {32, 34, expand_q8_0}, {32, 18, expand_q4<false>}, {32, 20, expand_q4<true>},
-    {64, kLaneRecordBytes, expand_lanes4}, {64, kLaneRecordBytes, expand_lanes4},
+    {64, kLaneRecordBytes, expand_lanes4}, {64, kLaneRecordBytes, expand_lanes4}, {32, 34, expand_q8_0},
+    {32, 22, expand_q5<false>},
 };
 
 // Row n of W (columns values) into out.
@@ -758,6 +761,133 @@ void lanes4_q8_matmul(const float* x, int64_t rows, int64_t columns, const uint8
     }
 }
 
+// ---- Q8_0 and Q5_0 blocks times 8-bit activations ----
+//
+// The same rounding of the activations (per 32 values, in their own order here), and each block's codes
+// c (value = d * c: Q8_0 -128..127, Q5_0 -16..15) meet them as integers: |c| (unsigned) times q with
+// c's sign (signed), pairs added by _mm256_maddubs_epi16 (at most 2 * 128 * 127: no saturation), then
+// d * dx times the block's integer sum.
+
+// One activation row rounded to codes (columns values, in order) and one scale per 32.
+inline void round_row(const float* x, int64_t columns, int8_t* codes, float* scales) {
+    for (int64_t b = 0; b < columns / 32; b++) {
+        float sum;
+        round_group(x + 32 * b, codes + 32 * b, scales + b, &sum);
+    }
+}
+
+// A block's 32 codes as signed integers, in value order.
+template <int kType>
+inline void block_integer_codes(const uint8_t* block, int8_t* codes) {
+    if (kType == kQ8_0Q8) {
+        std::memcpy(codes, block + 2, 32);
+        return;
+    }
+    uint32_t high;
+    std::memcpy(&high, block + 2, 4);
+    const uint8_t* low = block + 6;
+    for (int j = 0; j < 16; j++) {
+        codes[j] = (int8_t)(((low[j] & 0x0F) | (((high >> j) & 1) << 4)) - 16);
+        codes[j + 16] = (int8_t)(((low[j] >> 4) | (((high >> (j + 16)) & 1) << 4)) - 16);
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+template <int kType>
+inline __m256i block_integer_codes(const uint8_t* block) {
+    if (kType == kQ8_0Q8) return _mm256_loadu_si256((const __m256i*)(block + 2));
+    uint32_t high;
+    std::memcpy(&high, block + 2, 4);
+    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 6));
+    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    // byte j: 0xFF where bit j of `high` is set (each byte picks its 8-bit group, then tests its bit)
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)high),
+                                               _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                  0x0303030303030303));
+    const __m256i bits = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE)),
+                                           _mm256_set1_epi8(-1));
+    const __m256i codes = _mm256_or_si256(low, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
+    return _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
+}
+#endif
+
+// One weight row's dots with R rounded activation rows (codes stride columns, scales stride blocks);
+// blocks alternate two chains, each row's sums in the same order whatever R.
+template <int kType, int R>
+inline void integer_block_dots(const uint8_t* row, const int8_t* codes, const float* scales, int64_t columns,
+                               float* y, int64_t y_stride) {
+    constexpr int kBytes = kFormats[kType].bytes;
+    const int64_t blocks = columns / 32;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 total[R][2];
+    for (int r = 0; r < R; r++) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    auto add_block = [&](int64_t b, int chain) __attribute__((always_inline)) {
+        const uint8_t* block = row + b * kBytes;
+        const __m256i signed_codes = block_integer_codes<kType>(block);
+        const __m256i magnitudes = _mm256_sign_epi8(signed_codes, signed_codes);
+        const __m256 d = _mm256_set1_ps(half_to_float(block));
+        for (int r = 0; r < R; r++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(codes + r * columns + 32 * b));
+            const __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(q, signed_codes));
+            const __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),
+                                             _mm256_broadcast_ss(scales + r * blocks + b));  // times dx
+            total[r][chain] = _mm256_fmadd_ps(sum, d, total[r][chain]);
+        }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        add_block(b, 0);
+        add_block(b + 1, 1);
+    }
+    if (b < blocks) add_block(b, 0);
+    for (int r = 0; r < R; r++) y[r * y_stride] = horizontal_sum(_mm256_add_ps(total[r][0], total[r][1]));
+#else
+    for (int r = 0; r < R; r++) {
+        float total[2] = {0.0f, 0.0f};
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t* block = row + b * kBytes;
+            int8_t block_codes[32];
+            block_integer_codes<kType>(block, block_codes);
+            const int8_t* q = codes + r * columns + 32 * b;
+            int32_t sum = 0;
+            for (int i = 0; i < 32; i++) sum += block_codes[i] * q[i];
+            total[b & 1] += (half_to_float(block) * scales[r * blocks + b]) * (float)sum;
+        }
+        y[r * y_stride] = total[0] + total[1];
+    }
+#endif
+}
+
+// Few activation rows times Q8_0 or Q5_0 blocks with 8-bit activations, two rows at a time.
+template <int kType>
+void integer_blocks_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t* weight,
+                           int64_t out_features, float* y, int nthreads) {
+    const int64_t blocks = columns / 32, stride = blocks * kFormats[kType].bytes;
+    thread_local std::vector<int8_t> code_buffer;
+    thread_local std::vector<float> scale_buffer;
+    if ((int64_t)code_buffer.size() < rows * columns) code_buffer.resize(rows * columns);
+    if ((int64_t)scale_buffer.size() < rows * blocks) scale_buffer.resize(rows * blocks);
+    for (int64_t m = 0; m < rows; m++)
+        round_row(x + m * columns, columns, code_buffer.data() + m * columns, scale_buffer.data() + m * blocks);
+    const int8_t* codes = code_buffer.data();  // read by all threads
+    const float* scales = scale_buffer.data();
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && out_features > 1)
+    for (int64_t n = 0; n < out_features; n++) {
+        const uint8_t* row = weight + n * stride;
+        int64_t m = 0;
+        auto dots = [&](auto group) __attribute__((always_inline)) {
+            integer_block_dots<kType, decltype(group)::value>(row, codes + m * columns, scales + m * blocks,
+                                                              columns, y + m * out_features + n, out_features);
+            m += decltype(group)::value;
+        };
+        while (m + 4 <= rows) dots(std::integral_constant<int, 4>());
+        if (rows - m == 3) dots(std::integral_constant<int, 3>());
+        if (rows - m == 2) dots(std::integral_constant<int, 2>());
+        if (rows - m == 1) dots(std::integral_constant<int, 1>());
+    }
+}
+
 inline float* scratch(int64_t floats) {
     thread_local std::vector<float> buffer;
     if ((int64_t)buffer.size() < floats) buffer.resize(floats);
@@ -771,6 +901,10 @@ void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, i
     const int64_t tiles = (out_features + kTile - 1) / kTile;
     if (kType == kLanes4Q8) {
         lanes4_q8_matmul(x, rows, columns, blocks, out_features, y, nthreads);
+        return;
+    }
+    if (kType == kQ8_0Q8 || kType == kQ5_0Q8) {
+        integer_blocks_matmul<kType>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
 #if defined(EMBER_LANES4_VECTORS)
@@ -866,6 +1000,8 @@ EMBER_GGML_KERNELS(q4_0, kQ4_0)
 EMBER_GGML_KERNELS(q4_1, kQ4_1)
 EMBER_GGML_KERNELS(lanes4, kLanes4)
 EMBER_GGML_KERNELS(lanes4_q8, kLanes4Q8)
+EMBER_GGML_KERNELS(q8_0_q8, kQ8_0Q8)
+EMBER_GGML_KERNELS(q5_0_q8, kQ5_0Q8)
 
 // Several projections fused along out_features whose weights differ in kind (Q5_0 q and k with a Q8_0 v):
 // table = [count, then (kernel, weight, out_features) per part], each part a kernel of this signature.

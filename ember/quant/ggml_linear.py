@@ -14,11 +14,12 @@ do not drift from the file's. Which kernel runs depends on the rows of x:
 On a CPU whose products are AVX2 (no AVX-512), Q4_0, Q4_1 and Q4_K rows are
 held in the 4-bit lane layout of `nibble_lanes.py` instead: the same codes and
 exact scales rearranged, about twice as fast to multiply one row at a time.
-Their decode products then round the activations to 8 bits per 32 values and
-multiply integers, as llama.cpp does for these types (1.5-1.8x faster again at
-one row; about 1/254 of each group's largest activation). Set
-EMBER_EXACT_ACTIVATIONS=1 to keep float32 activations (products as exact as
-the other kernels'); the weights are the file's values either way.
+Their decode products, and those of Q8_0 and Q5_0 blocks, then round the
+activations to 8 bits per 32 values and multiply integers, as llama.cpp does
+for these types (a Q4_1 row 1.5-1.8x faster again; the rounding is at most
+1/254 of each group's largest activation). Set EMBER_EXACT_ACTIVATIONS=1 to
+keep float32 activations (products as exact as the other kernels'); the
+weights are the file's values either way.
 
 `ConcatLinear` fuses projections whose tensors differ in type (Gemma 3's
 Q5_0 q and k with a Q8_0 v) without converting any of them.
@@ -78,8 +79,9 @@ class GGMLLinear:
         rounded_activations: bool | None = None,
     ):
         """`lanes`: hold the rows in the 4-bit lane layout (None: where it is the faster form here).
-        `rounded_activations`: with lanes, decode products round the activations to 8 bits per 32 values
-        and multiply integers (None: yes unless $EMBER_EXACT_ACTIVATIONS is 1; False: float32, exact)."""
+        `rounded_activations`: decode products round the activations to 8 bits per 32 values and multiply
+        integers, for the lane layout, Q8_0 and Q5_0 (None: on AVX2, unless $EMBER_EXACT_ACTIVATIONS is 1;
+        False: float32 activations, exact)."""
         check_blocks(tensor.quant_type, tensor.shape, tensor.nbytes, tensor.name)
         self.quant_type = tensor.quant_type
         self.out_features, self.in_features = (int(size) for size in tensor.shape)
@@ -92,13 +94,22 @@ class GGMLLinear:
             lanes = lanes_fit and native_ggml.instruction_set() == "avx2"
         elif lanes and not lanes_fit:
             raise ValueError(f"no lane layout for {self.quant_type} rows of {self.in_features} values here")
-        if rounded_activations and not lanes:
-            raise ValueError("rounded activations need the lane layout")
-        if lanes and rounded_activations is None:
-            rounded_activations = os.environ.get(EXACT_ACTIVATIONS_VARIABLE, "") != "1"
+        rounded_fit = lanes or (
+            self.backend == "native" and self.quant_type in native_ggml.ROUNDED_BLOCK_KERNELS
+        )
+        if rounded_activations and not rounded_fit:
+            raise ValueError(f"no kernel with rounded activations for {self.quant_type} rows here")
+        if rounded_activations is None:
+            rounded_activations = (
+                rounded_fit
+                and native_ggml.instruction_set() == "avx2"
+                and os.environ.get(EXACT_ACTIVATIONS_VARIABLE, "") != "1"
+            )
         # what native_ggml calls for it
         if lanes:
             self.kernel = native_ggml.LANES4_Q8 if rounded_activations else native_ggml.LANES4
+        elif rounded_activations:
+            self.kernel = native_ggml.ROUNDED_BLOCK_KERNELS[self.quant_type]
         else:
             self.kernel = self.quant_type
         # (out, bytes per row), out of the file's mapping so that the file can close: the file's blocks
@@ -123,6 +134,7 @@ class GGMLLinear:
         layout = {
             native_ggml.LANES4: ", 4-bit lanes",
             native_ggml.LANES4_Q8: ", 4-bit lanes, 8-bit activations",
+            **{kernel: ", 8-bit activations" for kernel in native_ggml.ROUNDED_BLOCK_KERNELS.values()},
         }.get(self.kernel, "")
         return f"{stem} native ({native_ggml.instruction_set()}{layout})"
 
