@@ -85,9 +85,13 @@ def lane_offsets(layer: GGMLLinear) -> np.ndarray:
     """(out, groups) float64: each 32-value group's offset (value = scale * code - offset) in the lane
     layout's record fields; zeros for blocks whose value is d * code."""
     groups = layer.in_features // 32
-    if layer.kernel != native_ggml.LANES4_Q8:
+    records = layer.blocks.numpy().reshape(layer.out_features, groups // 2, -1)
+    if layer.kernel == native_ggml.LANES4_Q8:
+        fields = records[..., :16].copy().view("<f4")
+    elif layer.kernel == native_ggml.LANES4_HALF_Q8:  # compact records: float16 fields
+        fields = records[..., :8].copy().view("<f2")
+    else:
         return np.zeros((layer.out_features, groups))
-    fields = layer.blocks.numpy().reshape(layer.out_features, -1, 48)[..., :16].copy().view("<f4")
     return fields[..., 1::2].reshape(layer.out_features, groups).astype(np.float64)
 
 
@@ -132,6 +136,14 @@ def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type
     tensor = BlockQuantizedTensor("w", quant_type, (out_features, in_features), data)
     layer = GGMLLinear(tensor, lanes=lanes, rounded_activations=True)
     assert "8-bit activations" in layer.kernel_name
+    if quant_type in ("Q4_0", "Q4_1"):  # d, 8d and -m are float16 values: the compact records hold them
+        assert (
+            layer.kernel == native_ggml.LANES4_HALF_Q8 and layer.nbytes == out_features * in_features * 5 // 8
+        )
+    reference = gguf_dequantize(data, getattr(gguf.GGMLQuantizationType, quant_type))
+    assert np.array_equal(layer.dequantized_weight().numpy(), reference.reshape(out_features, in_features))
+    ids = torch.tensor([3, 36, 0])
+    assert np.array_equal(layer.rows(ids).numpy(), reference.reshape(out_features, in_features)[[3, 36, 0]])
     x = torch.randn(rows, in_features)
     x[0, :32] = 0.0  # a group of zeros rounds to zero codes with a zero scale
     got = layer(x).double().numpy()
@@ -154,7 +166,7 @@ def test_rounded_activations_are_the_avx2_default_and_can_be_turned_off(monkeypa
     tensor = BlockQuantizedTensor("w", "Q4_1", (8, 128), data)
     q8 = BlockQuantizedTensor("w", "Q8_0", (8, 128), random_blocks("Q8_0", 8, 128, 6))
     if native_ggml.instruction_set() == "avx2":
-        assert GGMLLinear(tensor).kernel == native_ggml.LANES4_Q8
+        assert GGMLLinear(tensor).kernel == native_ggml.LANES4_HALF_Q8
         assert GGMLLinear(q8).kernel == native_ggml.ROUNDED_BLOCK_KERNELS["Q8_0"]
         monkeypatch.setenv("EMBER_EXACT_ACTIVATIONS", "1")
         assert GGMLLinear(tensor).kernel == native_ggml.LANES4

@@ -27,7 +27,8 @@ namespace {
 
 enum BlockType {
     kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7, kLanes4 = 8, kLanes4Q8 = 9,
-    kQ8_0Q8 = 10, kQ5_0Q8 = 11  // Q8_0 and Q5_0 blocks, multiplied with 8-bit activations
+    kQ8_0Q8 = 10, kQ5_0Q8 = 11,  // Q8_0 and Q5_0 blocks, multiplied with 8-bit activations
+    kLanes4HalfQ8 = 12  // lane records with float16 fields, multiplied with 8-bit activations
 };
 
 inline float half_to_float(const uint8_t* bytes) {
@@ -291,6 +292,7 @@ inline void expand_q4(const uint8_t* block, float* y) {
 // shuffles. Every source type's value is this one rounding of exact terms (Q4_0: d * q - 8d; Q4_1: d *
 // q - (-m); Q4_K: (d * scale) * q - dmin * min), so the values equal the source blocks' expansions.
 constexpr int kLaneRecordBytes = 48;
+constexpr int kHalfLaneRecordBytes = 40;  // the same with the four fields as float16 (exact ones only)
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define EMBER_LANES4_VECTORS 1
@@ -334,6 +336,16 @@ inline void expand_lanes4(const uint8_t* record, float* y) {
 #endif
 }
 
+// A compact record (float16 fields, then the same 8 words) expanded like a full one.
+inline void expand_lanes4_half(const uint8_t* record, float* y) {
+    uint8_t full[kLaneRecordBytes];
+    float fields[4];
+    for (int f = 0; f < 4; f++) fields[f] = half_to_float(record + 2 * f);
+    std::memcpy(full, fields, sizeof(fields));
+    std::memcpy(full + 16, record + 8, 32);
+    expand_lanes4(full, y);
+}
+
 struct Format {
     int values, bytes;  // per block
     void (*expand)(const uint8_t*, float*);
@@ -343,7 +355,7 @@ constexpr Format kFormats[] = {
     {256, 144, expand_q4_k}, {256, 176, expand_q5_k}, {256, 210, expand_q6_k}, {32, 22, expand_q5<false>},
     {32, 24, expand_q5<true>}, {32, 34, expand_q8_0}, {32, 18, expand_q4<false>}, {32, 20, expand_q4<true>},
     {64, kLaneRecordBytes, expand_lanes4}, {64, kLaneRecordBytes, expand_lanes4}, {32, 34, expand_q8_0},
-    {32, 22, expand_q5<false>},
+    {32, 22, expand_q5<false>}, {64, kHalfLaneRecordBytes, expand_lanes4_half},
 };
 
 // Row n of W (columns values) into out.
@@ -673,9 +685,20 @@ inline void round_lane_row(const float* x, int64_t records, int8_t* codes, float
 
 // One lane-layout weight row's dots with R rounded activation rows, each row's sums in the same order
 // whatever R (a row's product is the same alone and in a batch).
-template <int R>
+template <bool kHalf>
+inline void lane_fields(const uint8_t* record, float* fields) {
+    if (kHalf) {
+        for (int f = 0; f < 4; f++) fields[f] = half_to_float(record + 2 * f);
+    } else {
+        std::memcpy(fields, record, 16);
+    }
+}
+
+// kHalf: compact records (float16 fields).
+template <bool kHalf, int R>
 inline void lanes4_q8_dots(const uint8_t* row, const LaneActivations& x, int64_t first_row, float* y,
                            int64_t y_stride) {
+    constexpr int kRecordBytes = kHalf ? kHalfLaneRecordBytes : kLaneRecordBytes, kWords = kHalf ? 8 : 16;
     const int64_t records = x.records;
     const int8_t* codes = x.codes + first_row * records * 64;
     const float* fields = x.fields + first_row * records * 4;
@@ -689,11 +712,19 @@ inline void lanes4_q8_dots(const uint8_t* row, const LaneActivations& x, int64_t
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i group_a = _mm256_set1_epi32(1), group_b = _mm256_set1_epi32(1 << 16);
     for (int64_t b = 0; b < records; b++) {
-        const uint8_t* record = row + b * kLaneRecordBytes;
-        const __m256i words = _mm256_loadu_si256((const __m256i*)(record + 16));
+        const uint8_t* record = row + b * kRecordBytes;
+        const __m256i words = _mm256_loadu_si256((const __m256i*)(record + kWords));
         const __m256i even = _mm256_and_si256(words, low4);
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(words, 4), low4);
-        const __m128 weight_fields = _mm_loadu_ps((const float*)record);  // scale_a, offset_a, scale_b, offset_b
+        __m128 weight_fields;  // scale_a, offset_a, scale_b, offset_b
+#if defined(__F16C__)
+        if (kHalf) weight_fields = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)record));
+        else weight_fields = _mm_loadu_ps((const float*)record);
+#else
+        float unpacked[4];
+        lane_fields<kHalf>(record, unpacked);
+        weight_fields = _mm_loadu_ps(unpacked);
+#endif
         for (int r = 0; r < R; r++) {
             const int8_t* q = codes + r * records * 64 + 64 * b;
             const __m256i pairs =
@@ -717,11 +748,11 @@ inline void lanes4_q8_dots(const uint8_t* row, const LaneActivations& x, int64_t
     for (int r = 0; r < R; r++) {
         float scaled = 0.0f, offset = 0.0f;
         for (int64_t b = 0; b < records; b++) {
-            const uint8_t* record = row + b * kLaneRecordBytes;
+            const uint8_t* record = row + b * kRecordBytes;
             float weight_fields[4];
             uint32_t words[8];
-            std::memcpy(weight_fields, record, sizeof(weight_fields));
-            std::memcpy(words, record + 16, sizeof(words));
+            lane_fields<kHalf>(record, weight_fields);
+            std::memcpy(words, record + kWords, sizeof(words));
             const int8_t* q = codes + r * records * 64 + 64 * b;
             const float* xf = fields + r * records * 4 + 4 * b;
             int32_t sums[2] = {0, 0};
@@ -741,9 +772,10 @@ inline void lanes4_q8_dots(const uint8_t* row, const LaneActivations& x, int64_t
 // Few activation rows times the lane layout with 8-bit activations: the rows are rounded once, then
 // each weight row streams once per call, meeting them two at a time (with four, the accumulators no longer
 // fit the 16 registers: 3072 x 576 at 8 rows ran no faster than the float32 lanes).
+template <bool kHalf>
 void lanes4_q8_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t* weight, int64_t out_features,
                       float* y, int nthreads) {
-    const int64_t records = columns / 64, stride = records * kLaneRecordBytes;
+    const int64_t records = columns / 64, stride = records * (kHalf ? kHalfLaneRecordBytes : kLaneRecordBytes);
     thread_local std::vector<int8_t> code_buffer;
     thread_local std::vector<float> field_buffer;
     if ((int64_t)code_buffer.size() < rows * records * 64) code_buffer.resize(rows * records * 64);
@@ -756,8 +788,9 @@ void lanes4_q8_matmul(const float* x, int64_t rows, int64_t columns, const uint8
     for (int64_t n = 0; n < out_features; n++) {
         const uint8_t* row = weight + n * stride;
         int64_t m = 0;
-        for (; m + 2 <= rows; m += 2) lanes4_q8_dots<2>(row, activations, m, y + m * out_features + n, out_features);
-        if (m < rows) lanes4_q8_dots<1>(row, activations, m, y + m * out_features + n, out_features);
+        for (; m + 2 <= rows; m += 2)
+            lanes4_q8_dots<kHalf, 2>(row, activations, m, y + m * out_features + n, out_features);
+        if (m < rows) lanes4_q8_dots<kHalf, 1>(row, activations, m, y + m * out_features + n, out_features);
     }
 }
 
@@ -899,8 +932,8 @@ void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, i
             int nthreads) {
     const uint8_t* blocks = (const uint8_t*)weight;
     const int64_t tiles = (out_features + kTile - 1) / kTile;
-    if (kType == kLanes4Q8) {
-        lanes4_q8_matmul(x, rows, columns, blocks, out_features, y, nthreads);
+    if (kType == kLanes4Q8 || kType == kLanes4HalfQ8) {
+        lanes4_q8_matmul<kType == kLanes4HalfQ8>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
     if (kType == kQ8_0Q8 || kType == kQ5_0Q8) {
@@ -1000,6 +1033,7 @@ EMBER_GGML_KERNELS(q4_0, kQ4_0)
 EMBER_GGML_KERNELS(q4_1, kQ4_1)
 EMBER_GGML_KERNELS(lanes4, kLanes4)
 EMBER_GGML_KERNELS(lanes4_q8, kLanes4Q8)
+EMBER_GGML_KERNELS(lanes4h_q8, kLanes4HalfQ8)
 EMBER_GGML_KERNELS(q8_0_q8, kQ8_0Q8)
 EMBER_GGML_KERNELS(q5_0_q8, kQ5_0Q8)
 

@@ -30,10 +30,12 @@ KERNEL_TYPES: dict[str, str] = {
 # with float32 activations (exact) and one that rounds the activations to 8 bits per 32 values (integer dots)
 LANES4 = "LANES4"
 LANES4_Q8 = "LANES4_Q8"
+LANES4_HALF_Q8 = "LANES4_HALF_Q8"  # compact records (float16 fields), with 8-bit activations
 # Q8_0 and Q5_0 blocks as stored, multiplied with activations rounded to 8 bits (integer dots)
 ROUNDED_BLOCK_KERNELS: dict[str, str] = {"Q8_0": "Q8_0_Q8", "Q5_0": "Q5_0_Q8"}
 _STEMS: dict[str, str] = {
-    **KERNEL_TYPES, LANES4: "lanes4", LANES4_Q8: "lanes4_q8", "Q8_0_Q8": "q8_0_q8", "Q5_0_Q8": "q5_0_q8",
+    **KERNEL_TYPES, LANES4: "lanes4", LANES4_Q8: "lanes4_q8", LANES4_HALF_Q8: "lanes4h_q8",
+    "Q8_0_Q8": "q8_0_q8", "Q5_0_Q8": "q5_0_q8",
 }  # fmt: skip
 
 _SOURCE_FILE = Path(__file__).with_name("ggml_kernels.cpp")
@@ -79,7 +81,8 @@ def concat_address() -> int:
 
 def matmul(kernel_name: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (M, K) float32 contiguous times the (out_features, K) weight in `blocks` -> (M, out_features).
-    `kernel_name` is the GGML type of the blocks, LANES4 / LANES4_Q8 for rows in the lane layout, or a
+    `kernel_name` is the GGML type of the blocks, LANES4 / LANES4_Q8 / LANES4_HALF_Q8 for rows in the
+    lane layout, or a
     ROUNDED_BLOCK_KERNELS value for blocks multiplied with 8-bit activations."""
     rows, columns = x.shape
     y = torch.empty(rows, out_features, dtype=torch.float32)

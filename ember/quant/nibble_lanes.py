@@ -16,6 +16,12 @@ the values equal `gguf.quants.dequantize`'s. A record holds 64 values in 48
 bytes: the four float32 fields (scale and offset of its two groups), then
 eight little-endian words where nibble j of word l is the code of value 8j + l.
 A row must hold a whole number of records (in_features % 64 == 0).
+
+Compact records (`half_fields=True`, 40 bytes: 0.625 bytes a value, as Q4_0 /
+Q4_1 themselves) hold the four fields as float16 where each is exactly a
+float16 (Q4_0's d and 8d, Q4_1's d and -m always are; Q4_K's products of d and a
+6-bit scale mostly are not). Decode with 8-bit activations reads the weights
+at memory speed, so the 8 bytes a record saves are 1/6 of its time there.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 LANE_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-RECORD_VALUES, RECORD_BYTES = 64, 48
+RECORD_VALUES, RECORD_BYTES, HALF_RECORD_BYTES = 64, 48, 40
 
 
 def fits(quant_type: str, in_features: int) -> bool:
@@ -31,9 +37,12 @@ def fits(quant_type: str, in_features: int) -> bool:
     return quant_type in LANE_TYPES and in_features % RECORD_VALUES == 0
 
 
-def lane_rows(quant_type: str, blocks: np.ndarray, in_features: int) -> np.ndarray:
-    """blocks (out_features, bytes per row) uint8 of `quant_type` -> (out_features, in_features // 64 * 48)
-    uint8 in the lane layout. ValueError where the type or the row length does not fit."""
+def lane_rows(
+    quant_type: str, blocks: np.ndarray, in_features: int, half_fields: bool = False
+) -> np.ndarray | None:
+    """blocks (out_features, bytes per row) uint8 of `quant_type` -> (out_features, in_features // 64 *
+    48) uint8 in the lane layout, or 40 bytes a record with `half_fields` (None where a field is not
+    exactly a float16). ValueError where the type or the row length does not fit."""
     if not fits(quant_type, in_features):
         raise ValueError(f"no lane layout for {quant_type} rows of {in_features} values")
     rows = blocks.shape[0]
@@ -46,10 +55,17 @@ def lane_rows(quant_type: str, blocks: np.ndarray, in_features: int) -> np.ndarr
     # (rows, records, 4): scale and offset of each record's two groups
     fields = np.stack([scales[:, 0::2], offsets[:, 0::2], scales[:, 1::2], offsets[:, 1::2]], axis=-1)
     fields = fields.astype("<f4")
-    out = np.empty((rows, records, RECORD_BYTES), dtype=np.uint8)
-    out[..., :16] = fields.view(np.uint8).reshape(rows, records, 16)
-    out[..., 16:] = words.view(np.uint8).reshape(rows, records, 32)
-    return out.reshape(rows, records * RECORD_BYTES)
+    field_bytes = 16
+    if half_fields:
+        with np.errstate(over="ignore"):
+            halves = fields.astype("<f2")
+        if not np.array_equal(halves.astype("<f4"), fields):
+            return None
+        fields, field_bytes = halves, 8
+    out = np.empty((rows, records, field_bytes + 32), dtype=np.uint8)
+    out[..., :field_bytes] = fields.view(np.uint8).reshape(rows, records, field_bytes)
+    out[..., field_bytes:] = words.view(np.uint8).reshape(rows, records, 32)
+    return out.reshape(rows, records * (field_bytes + 32))
 
 
 def _halves(raw: np.ndarray) -> np.ndarray:
