@@ -293,6 +293,10 @@ inline void expand_q4(const uint8_t* block, float* y) {
 // q - (-m); Q4_K: (d * scale) * q - dmin * min), so the values equal the source blocks' expansions.
 constexpr int kLaneRecordBytes = 48;
 constexpr int kHalfLaneRecordBytes = 40;  // the same with the four fields as float16 (exact ones only)
+// How far ahead of the record being read the 8-bit-activation products prefetch: the rows stream from memory
+// once per call, and the hardware prefetchers alone left SmolLM2's layers at about 14 GB/s of weights
+// (1,536-3,072 bytes ahead: 10-15 % less time over its 30 layers' products, in one process alternating).
+constexpr int kPrefetchBytes = 2048;
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define EMBER_LANES4_VECTORS 1
@@ -713,6 +717,7 @@ inline void lanes4_q8_dots(const uint8_t* row, const LaneActivations& x, int64_t
     const __m256i group_a = _mm256_set1_epi32(1), group_b = _mm256_set1_epi32(1 << 16);
     for (int64_t b = 0; b < records; b++) {
         const uint8_t* record = row + b * kRecordBytes;
+        _mm_prefetch((const char*)record + kPrefetchBytes, _MM_HINT_T0);
         const __m256i words = _mm256_loadu_si256((const __m256i*)(record + kWords));
         const __m256i even = _mm256_and_si256(words, low4);
         const __m256i odd = _mm256_and_si256(_mm256_srli_epi16(words, 4), low4);
@@ -857,6 +862,7 @@ inline void integer_block_dots(const uint8_t* row, const int8_t* codes, const fl
     const __m256i ones = _mm256_set1_epi16(1);
     auto add_block = [&](int64_t b, int chain) __attribute__((always_inline)) {
         const uint8_t* block = row + b * kBytes;
+        _mm_prefetch((const char*)block + kPrefetchBytes, _MM_HINT_T0);
         const __m256i signed_codes = block_integer_codes<kType>(block);
         const __m256i magnitudes = _mm256_sign_epi8(signed_codes, signed_codes);
         const __m256 d = _mm256_set1_ps(half_to_float(block));
