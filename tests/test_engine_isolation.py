@@ -81,8 +81,11 @@ class _Poisoned:
             if rows and self.mode == "raise":
                 raise RuntimeError("injected failure")
             logits = self.original(batch, kv_cache)
-            if rows and self.mode == "nan":
-                logits[rows] = float("nan")
+            if rows and self.mode in ("nan", "huge"):  # out of place: the logits may be inference tensors
+                scale = torch.ones(logits.shape[0], *[1] * (logits.dim() - 1))
+                # huge: finite, ordered as before, but a row's sum overflows
+                scale[rows] = float("nan") if self.mode == "nan" else 1e36
+                logits = logits * scale
             return logits
 
         self.model.forward = forward
@@ -107,6 +110,21 @@ def test_a_failing_sequence_ends_alone_and_the_others_are_unchanged(tiny, mode):
     assert failed.error_kind is FailureKind.ENGINE  # ember's fault (the model's numbers), not the request's
     assert [_tokens(outputs[requests[i].request_id]) for i in (0, 2)] == alone
     assert all(not e.pinned for e in tiny.engine.kv_cache.entries_by_slot.values())
+
+
+def test_huge_finite_logits_are_still_chosen_from_greedily(tiny):
+    """The greedy batch's quick validity check (a finite sum per row) overflows on huge finite logits; such
+    a row takes the general path and still gets its argmax, beside rows that took the quick one."""
+    healthy = _prompt(9, 7)
+    poisoned = [POISON, *_prompt(10, 6)]
+    expected = [_run(tiny, p)[0] for p in (healthy, poisoned)]
+    requests = [GenerationRequest(p, GREEDY) for p in (healthy, poisoned)]
+    with _Poisoned(tiny, "huge"):
+        for request in requests:
+            tiny.engine.add_request(request)
+        outputs = _drain(tiny.engine, requests)
+    assert [outputs[r.request_id][-1].finish_reason for r in requests] == ["length", "length"]
+    assert [_tokens(outputs[r.request_id]) for r in requests] == expected
 
 
 def test_a_sequence_failing_in_the_decode_batch_ends_alone(tiny):

@@ -493,7 +493,9 @@ class Engine:
     ) -> None:
         if greedy_batch_allowed(sequences):
             logits = logits[:, : self.vocab_size]
-            if bool(torch.isfinite(logits).all()):
+            # a finite sum has no NaN or infinity in it (a sum never turns those finite); one that overflows
+            # takes the general path below. A vocabulary-wide isfinite was ~3 % of a SmolLM2 decode step.
+            if bool(torch.isfinite(logits.sum(dim=-1)).all()):
                 for sequence, token_id in zip(sequences, torch.argmax(logits, dim=-1).tolist()):
                     outputs.append(self._accept_token(sequence, TokenChoice(token_id)))
                 return
