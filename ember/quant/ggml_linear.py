@@ -215,6 +215,11 @@ class ConcatLinear:
         return " + ".join(describe_layer(part) for part in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.native_kernel() if x.device.type == "cpu" else None
+        if native is not None and x.numel() // self.in_features <= native[2]:
+            # few rows (decode): the parts' own kernels in one C call, writing their columns in place
+            rows = _rows(x, self.in_features).float()
+            return _finish(native_ggml.concat_matmul(rows, native[1], self.out_features), x, None)
         y = torch.cat([part(x) for part in self.parts], dim=-1)  # (..., out)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

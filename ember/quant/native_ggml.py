@@ -92,6 +92,17 @@ def matmul(kernel_name: str, x: torch.Tensor, blocks: torch.Tensor, out_features
     return y
 
 
+def concat_matmul(x: torch.Tensor, table: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 contiguous times projections side by side, each on its own kernel: `table` is
+    ConcatLinear's [count, (kernel, weight, out) per part] -> (M, out_features)."""
+    rows, columns = x.shape
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    load().ember_ggml_concat_matmul(
+        x.data_ptr(), rows, columns, table.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads()
+    )
+    return y
+
+
 def expand_rows(
     kernel_name: str,
     blocks: torch.Tensor,
