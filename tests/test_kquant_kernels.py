@@ -85,13 +85,13 @@ def lane_offsets(layer: GGMLLinear) -> np.ndarray:
     """(out, groups) float64: each 32-value group's offset (value = scale * code - offset) in the lane
     layout's record fields; zeros for blocks whose value is d * code."""
     groups = layer.in_features // 32
+    if layer.kernel not in (native_ggml.LANES4_Q8, native_ggml.LANES4_HALF_Q8):
+        return np.zeros((layer.out_features, groups))
     records = layer.blocks.numpy().reshape(layer.out_features, groups // 2, -1)
     if layer.kernel == native_ggml.LANES4_Q8:
         fields = records[..., :16].copy().view("<f4")
-    elif layer.kernel == native_ggml.LANES4_HALF_Q8:  # compact records: float16 fields
+    else:  # compact records: float16 fields
         fields = records[..., :8].copy().view("<f2")
-    else:
-        return np.zeros((layer.out_features, groups))
     return fields[..., 1::2].reshape(layer.out_features, groups).astype(np.float64)
 
 
@@ -120,7 +120,8 @@ def rounded_reference(layer: GGMLLinear, x: torch.Tensor) -> tuple[np.ndarray, n
 
 
 @pytest.mark.parametrize(
-    "quant_type, lanes", [("Q4_0", True), ("Q4_1", True), ("Q4_K", True), ("Q8_0", False), ("Q5_0", False)]
+    "quant_type, lanes",
+    [("Q4_0", True), ("Q4_1", True), ("Q4_K", True), ("Q8_0", False), ("Q5_0", False), ("Q6_K", False)],
 )
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 32])
 def test_rounded_activations_products_are_the_integer_dots_they_claim(quant_type, lanes, rows):

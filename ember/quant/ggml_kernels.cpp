@@ -28,7 +28,8 @@ namespace {
 enum BlockType {
     kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7, kLanes4 = 8, kLanes4Q8 = 9,
     kQ8_0Q8 = 10, kQ5_0Q8 = 11,  // Q8_0 and Q5_0 blocks, multiplied with 8-bit activations
-    kLanes4HalfQ8 = 12  // lane records with float16 fields, multiplied with 8-bit activations
+    kLanes4HalfQ8 = 12,  // lane records with float16 fields, multiplied with 8-bit activations
+    kQ6_KQ8 = 13  // Q6_K blocks, multiplied with 8-bit activations
 };
 
 inline float half_to_float(const uint8_t* bytes) {
@@ -359,7 +360,7 @@ constexpr Format kFormats[] = {
     {256, 144, expand_q4_k}, {256, 176, expand_q5_k}, {256, 210, expand_q6_k}, {32, 22, expand_q5<false>},
     {32, 24, expand_q5<true>}, {32, 34, expand_q8_0}, {32, 18, expand_q4<false>}, {32, 20, expand_q4<true>},
     {64, kLaneRecordBytes, expand_lanes4}, {64, kLaneRecordBytes, expand_lanes4}, {32, 34, expand_q8_0},
-    {32, 22, expand_q5<false>}, {64, kHalfLaneRecordBytes, expand_lanes4_half},
+    {32, 22, expand_q5<false>}, {64, kHalfLaneRecordBytes, expand_lanes4_half}, {256, 210, expand_q6_k},
 };
 
 // Row n of W (columns values) into out.
@@ -898,11 +899,88 @@ inline void integer_block_dots(const uint8_t* row, const int8_t* codes, const fl
 #endif
 }
 
-// Few activation rows times Q8_0 or Q5_0 blocks with 8-bit activations, two rows at a time.
+// Q6_K blocks (256 values: 16 groups of 16 with an 8-bit scale each, 6-bit codes c - 32, one fp16 d)
+// times 8-bit activations: per 32 values, the codes' pair sums with q are weighted by their two 16-value
+// groups' scales in the integer multiply-add (at most 2 * 32 * 127 per pair, 127 * that per lane: exact),
+// so d * dx meets one integer sum per 32 values, as for Q8_0. Codes follow ggml's dequantize_row_q6_K: in
+// each 128-value half, value 32k + l is the low (k < 2) or high nibble of ql[l + 32 (k % 2)], with bits
+// 2k, 2k + 1 of qh[l] above it, less 32.
+template <int R>
+inline void q6_k_dots(const uint8_t* row, const int8_t* codes, const float* scales, int64_t columns, float* y,
+                      int64_t y_stride) {
+    const int64_t blocks = columns / 256, groups = columns / 32;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 total[R][2];
+    for (int r = 0; r < R; r++) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t* block = row + b * 210;
+        _mm_prefetch((const char*)block + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch((const char*)block + kPrefetchBytes + 64, _MM_HINT_T0);
+        _mm_prefetch((const char*)block + kPrefetchBytes + 128, _MM_HINT_T0);
+        _mm_prefetch((const char*)block + kPrefetchBytes + 192, _MM_HINT_T0);
+        const float d = half_to_float(block + 208);
+        const int8_t* group_scales = (const int8_t*)(block + 192);
+        for (int half = 0; half < 2; half++) {
+            const uint8_t* ql = block + 64 * half;
+            const __m256i a = _mm256_loadu_si256((const __m256i*)ql), c = _mm256_loadu_si256((const __m256i*)(ql + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i*)(block + 128 + 32 * half));
+            const __m256i unsigned_codes[4] = {
+                _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(h, 4), high2)),
+                _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(h, 2), high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(h, high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4),
+                                _mm256_and_si256(_mm256_srli_epi16(h, 2), high2)),
+            };
+            for (int k = 0; k < 4; k++) {
+                const int group = 8 * (int)b + 4 * half + k;  // of 32 values in the row
+                const int8_t* pair = group_scales + 8 * half + 2 * k;
+                const __m256i weights = _mm256_set_m128i(_mm_set1_epi16(pair[1]), _mm_set1_epi16(pair[0]));
+                const __m256i signed_codes = _mm256_sub_epi8(unsigned_codes[k], bias);
+                const __m256i magnitudes = _mm256_sign_epi8(signed_codes, signed_codes);
+                for (int r = 0; r < R; r++) {
+                    const __m256i q = _mm256_loadu_si256((const __m256i*)(codes + r * columns + 32 * group));
+                    const __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(q, signed_codes));
+                    const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, weights));
+                    total[r][k & 1] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d * scales[r * groups + group]), total[r][k & 1]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[r * y_stride] = horizontal_sum(_mm256_add_ps(total[r][0], total[r][1]));
+#else
+    for (int r = 0; r < R; r++) {
+        float total[2] = {0.0f, 0.0f};
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t* block = row + b * 210;
+            const float d = half_to_float(block + 208);
+            const int8_t* group_scales = (const int8_t*)(block + 192);
+            for (int half = 0; half < 2; half++) {
+                const uint8_t* ql = block + 64 * half;
+                const uint8_t* qh = block + 128 + 32 * half;
+                for (int k = 0; k < 4; k++) {
+                    const int group = 8 * (int)b + 4 * half + k;
+                    const int8_t* q = codes + r * columns + 32 * group;
+                    int32_t sum = 0;
+                    for (int l = 0; l < 32; l++) {
+                        const int nibble = (k < 2 ? ql[l + 32 * (k & 1)] & 0x0F : ql[l + 32 * (k & 1)] >> 4);
+                        const int code = (nibble | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+                        sum += group_scales[8 * half + 2 * k + l / 16] * code * q[l];
+                    }
+                    total[k & 1] += (d * scales[r * groups + group]) * (float)sum;
+                }
+            }
+        }
+        y[r * y_stride] = total[0] + total[1];
+    }
+#endif
+}
+
+// Few activation rows times Q8_0, Q5_0 or Q6_K blocks with 8-bit activations, up to four rows at a time.
 template <int kType>
 void integer_blocks_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t* weight,
                            int64_t out_features, float* y, int nthreads) {
-    const int64_t blocks = columns / 32, stride = blocks * kFormats[kType].bytes;
+    const int64_t blocks = columns / 32, stride = columns / kFormats[kType].values * kFormats[kType].bytes;
     thread_local std::vector<int8_t> code_buffer;
     thread_local std::vector<float> scale_buffer;
     if ((int64_t)code_buffer.size() < rows * columns) code_buffer.resize(rows * columns);
@@ -916,8 +994,13 @@ void integer_blocks_matmul(const float* x, int64_t rows, int64_t columns, const 
         const uint8_t* row = weight + n * stride;
         int64_t m = 0;
         auto dots = [&](auto group) __attribute__((always_inline)) {
-            integer_block_dots<kType, decltype(group)::value>(row, codes + m * columns, scales + m * blocks,
-                                                              columns, y + m * out_features + n, out_features);
+            constexpr int kRows = decltype(group)::value;
+            if constexpr (kType == kQ6_KQ8)
+                q6_k_dots<kRows>(row, codes + m * columns, scales + m * blocks, columns, y + m * out_features + n,
+                                 out_features);
+            else
+                integer_block_dots<kType, kRows>(row, codes + m * columns, scales + m * blocks, columns,
+                                                 y + m * out_features + n, out_features);
             m += decltype(group)::value;
         };
         while (m + 4 <= rows) dots(std::integral_constant<int, 4>());
@@ -942,7 +1025,7 @@ void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, i
         lanes4_q8_matmul<kType == kLanes4HalfQ8>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
-    if (kType == kQ8_0Q8 || kType == kQ5_0Q8) {
+    if (kType == kQ8_0Q8 || kType == kQ5_0Q8 || kType == kQ6_KQ8) {
         integer_blocks_matmul<kType>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
@@ -1042,6 +1125,7 @@ EMBER_GGML_KERNELS(lanes4_q8, kLanes4Q8)
 EMBER_GGML_KERNELS(lanes4h_q8, kLanes4HalfQ8)
 EMBER_GGML_KERNELS(q8_0_q8, kQ8_0Q8)
 EMBER_GGML_KERNELS(q5_0_q8, kQ5_0Q8)
+EMBER_GGML_KERNELS(q6_k_q8, kQ6_KQ8)
 
 // Several projections fused along out_features whose weights differ in kind (Q5_0 q and k with a Q8_0 v):
 // table = [count, then (kernel, weight, out_features) per part], each part a kernel of this signature.

@@ -14,7 +14,7 @@ do not drift from the file's. Which kernel runs depends on the rows of x:
 On a CPU whose products are AVX2 (no AVX-512), Q4_0, Q4_1 and Q4_K rows are
 held in the 4-bit lane layout of `nibble_lanes.py` instead: the same codes and
 exact scales rearranged, about twice as fast to multiply one row at a time.
-Their decode products, and those of Q8_0 and Q5_0 blocks, then round the
+Their decode products, and those of Q8_0, Q5_0 and Q6_K blocks, then round the
 activations to 8 bits per 32 values and multiply integers, as llama.cpp does
 for these types (a Q4_1 row 1.5-1.8x faster again; the rounding is at most
 1/254 of each group's largest activation). Set EMBER_EXACT_ACTIVATIONS=1 to
@@ -80,8 +80,8 @@ class GGMLLinear:
     ):
         """`lanes`: hold the rows in the 4-bit lane layout (None: where it is the faster form here).
         `rounded_activations`: decode products round the activations to 8 bits per 32 values and multiply
-        integers, for the lane layout, Q8_0 and Q5_0 (None: on AVX2, unless $EMBER_EXACT_ACTIVATIONS is 1;
-        False: float32 activations, exact)."""
+        integers, for the lane layout, Q8_0, Q5_0 and Q6_K (None: on AVX2, unless
+        $EMBER_EXACT_ACTIVATIONS is 1; False: float32 activations, exact)."""
         check_blocks(tensor.quant_type, tensor.shape, tensor.nbytes, tensor.name)
         self.quant_type = tensor.quant_type
         self.out_features, self.in_features = (int(size) for size in tensor.shape)
