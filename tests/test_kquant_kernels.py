@@ -220,3 +220,23 @@ def test_odd_shapes_are_rejected():
         GGMLLinear(BlockQuantizedTensor("w", "Q4_K", (4, 300), data))
     with pytest.raises(ModelLoadError, match="needs"):
         GGMLLinear(BlockQuantizedTensor("w", "Q4_K", (5, 256), data))
+
+
+def test_q5_0_widened_to_q8_0_blocks_keeps_every_value():
+    """With 8-bit activations Q5_0 runs as Q8_0 blocks of the same d and codes (widened_blocks.py): the
+    values, looked-up rows and exact-form products match the file's own blocks."""
+    from ember.quant.widened_blocks import q5_0_as_q8_0
+
+    data = random_blocks("Q5_0", 19, 160, 12)
+    widened = q5_0_as_q8_0(data)
+    assert widened.shape == (19, 5 * 34)
+    own = gguf_dequantize(data, gguf.GGMLQuantizationType.Q5_0)
+    assert np.array_equal(gguf_dequantize(widened, gguf.GGMLQuantizationType.Q8_0), own)
+    if native_ggml.load() is None:
+        pytest.skip("the GGML block kernels did not build here")
+    tensor = BlockQuantizedTensor("w", "Q5_0", (19, 160), data)
+    layer = GGMLLinear(tensor, rounded_activations=True)
+    assert "as 8-bit codes" in layer.kernel_name and layer.nbytes == widened.nbytes
+    assert np.array_equal(layer.dequantized_weight().numpy(), own.reshape(19, 160))
+    ids = torch.tensor([18, 0, 7])
+    assert torch.equal(layer.rows(ids), GGMLLinear(tensor, rounded_activations=False).rows(ids))

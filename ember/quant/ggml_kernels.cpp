@@ -27,9 +27,9 @@ namespace {
 
 enum BlockType {
     kQ4_K = 0, kQ5_K = 1, kQ6_K = 2, kQ5_0 = 3, kQ5_1 = 4, kQ8_0 = 5, kQ4_0 = 6, kQ4_1 = 7, kLanes4 = 8, kLanes4Q8 = 9,
-    kQ8_0Q8 = 10, kQ5_0Q8 = 11,  // Q8_0 and Q5_0 blocks, multiplied with 8-bit activations
-    kLanes4HalfQ8 = 12,  // lane records with float16 fields, multiplied with 8-bit activations
-    kQ6_KQ8 = 13  // Q6_K blocks, multiplied with 8-bit activations
+    kQ8_0Q8 = 10,  // Q8_0 blocks (and Q5_0 widened to them at load), multiplied with 8-bit activations
+    kLanes4HalfQ8 = 11,  // lane records with float16 fields, multiplied with 8-bit activations
+    kQ6_KQ8 = 12  // Q6_K blocks, multiplied with 8-bit activations
 };
 
 inline float half_to_float(const uint8_t* bytes) {
@@ -360,7 +360,7 @@ constexpr Format kFormats[] = {
     {256, 144, expand_q4_k}, {256, 176, expand_q5_k}, {256, 210, expand_q6_k}, {32, 22, expand_q5<false>},
     {32, 24, expand_q5<true>}, {32, 34, expand_q8_0}, {32, 18, expand_q4<false>}, {32, 20, expand_q4<true>},
     {64, kLaneRecordBytes, expand_lanes4}, {64, kLaneRecordBytes, expand_lanes4}, {32, 34, expand_q8_0},
-    {32, 22, expand_q5<false>}, {64, kHalfLaneRecordBytes, expand_lanes4_half}, {256, 210, expand_q6_k},
+    {64, kHalfLaneRecordBytes, expand_lanes4_half}, {256, 210, expand_q6_k},
 };
 
 // Row n of W (columns values) into out.
@@ -800,10 +800,10 @@ void lanes4_q8_matmul(const float* x, int64_t rows, int64_t columns, const uint8
     }
 }
 
-// ---- Q8_0 and Q5_0 blocks times 8-bit activations ----
+// ---- Q8_0 blocks (Q5_0 too, widened at load: widened_blocks.py) times 8-bit activations ----
 //
 // The same rounding of the activations (per 32 values, in their own order here), and each block's codes
-// c (value = d * c: Q8_0 -128..127, Q5_0 -16..15) meet them as integers: |c| (unsigned) times q with
+// c (value = d * c, -128..127) meet them as integers: |c| (unsigned) times q with
 // c's sign (signed), pairs added by _mm256_maddubs_epi16 (at most 2 * 128 * 127: no saturation), then
 // d * dx times the block's integer sum.
 
@@ -815,39 +815,11 @@ inline void round_row(const float* x, int64_t columns, int8_t* codes, float* sca
     }
 }
 
-// A block's 32 codes as signed integers, in value order.
-template <int kType>
-inline void block_integer_codes(const uint8_t* block, int8_t* codes) {
-    if (kType == kQ8_0Q8) {
-        std::memcpy(codes, block + 2, 32);
-        return;
-    }
-    uint32_t high;
-    std::memcpy(&high, block + 2, 4);
-    const uint8_t* low = block + 6;
-    for (int j = 0; j < 16; j++) {
-        codes[j] = (int8_t)(((low[j] & 0x0F) | (((high >> j) & 1) << 4)) - 16);
-        codes[j + 16] = (int8_t)(((low[j] >> 4) | (((high >> (j + 16)) & 1) << 4)) - 16);
-    }
-}
+// A Q8_0 block's 32 codes as signed integers, in value order.
+inline void block_integer_codes(const uint8_t* block, int8_t* codes) { std::memcpy(codes, block + 2, 32); }
 
 #if defined(__AVX2__) && defined(__FMA__)
-template <int kType>
-inline __m256i block_integer_codes(const uint8_t* block) {
-    if (kType == kQ8_0Q8) return _mm256_loadu_si256((const __m256i*)(block + 2));
-    uint32_t high;
-    std::memcpy(&high, block + 2, 4);
-    const __m128i packed = _mm_loadu_si128((const __m128i*)(block + 6));
-    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
-    // byte j: 0xFF where bit j of `high` is set (each byte picks its 8-bit group, then tests its bit)
-    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)high),
-                                               _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
-                                                                  0x0303030303030303));
-    const __m256i bits = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7FBFDFEFF7FBFDFE)),
-                                           _mm256_set1_epi8(-1));
-    const __m256i codes = _mm256_or_si256(low, _mm256_and_si256(bits, _mm256_set1_epi8(0x10)));
-    return _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
-}
+inline __m256i block_integer_codes(const uint8_t* block) { return _mm256_loadu_si256((const __m256i*)(block + 2)); }
 #endif
 
 // One weight row's dots with R rounded activation rows (codes stride columns, scales stride blocks);
@@ -864,7 +836,7 @@ inline void integer_block_dots(const uint8_t* row, const int8_t* codes, const fl
     auto add_block = [&](int64_t b, int chain) __attribute__((always_inline)) {
         const uint8_t* block = row + b * kBytes;
         _mm_prefetch((const char*)block + kPrefetchBytes, _MM_HINT_T0);
-        const __m256i signed_codes = block_integer_codes<kType>(block);
+        const __m256i signed_codes = block_integer_codes(block);
         const __m256i magnitudes = _mm256_sign_epi8(signed_codes, signed_codes);
         const __m256 d = _mm256_set1_ps(half_to_float(block));
         for (int r = 0; r < R; r++) {
@@ -888,7 +860,7 @@ inline void integer_block_dots(const uint8_t* row, const int8_t* codes, const fl
         for (int64_t b = 0; b < blocks; b++) {
             const uint8_t* block = row + b * kBytes;
             int8_t block_codes[32];
-            block_integer_codes<kType>(block, block_codes);
+            block_integer_codes(block, block_codes);
             const int8_t* q = codes + r * columns + 32 * b;
             int32_t sum = 0;
             for (int i = 0; i < 32; i++) sum += block_codes[i] * q[i];
@@ -976,7 +948,7 @@ inline void q6_k_dots(const uint8_t* row, const int8_t* codes, const float* scal
 #endif
 }
 
-// Few activation rows times Q8_0, Q5_0 or Q6_K blocks with 8-bit activations, up to four rows at a time.
+// Few activation rows times Q8_0 or Q6_K blocks with 8-bit activations, up to four rows at a time.
 template <int kType>
 void integer_blocks_matmul(const float* x, int64_t rows, int64_t columns, const uint8_t* weight,
                            int64_t out_features, float* y, int nthreads) {
@@ -1025,7 +997,7 @@ void matmul(const float* x, int64_t rows, int64_t columns, const void* weight, i
         lanes4_q8_matmul<kType == kLanes4HalfQ8>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
-    if (kType == kQ8_0Q8 || kType == kQ5_0Q8 || kType == kQ6_KQ8) {
+    if (kType == kQ8_0Q8 || kType == kQ6_KQ8) {
         integer_blocks_matmul<kType>(x, rows, columns, blocks, out_features, y, nthreads);
         return;
     }
@@ -1124,7 +1096,6 @@ EMBER_GGML_KERNELS(lanes4, kLanes4)
 EMBER_GGML_KERNELS(lanes4_q8, kLanes4Q8)
 EMBER_GGML_KERNELS(lanes4h_q8, kLanes4HalfQ8)
 EMBER_GGML_KERNELS(q8_0_q8, kQ8_0Q8)
-EMBER_GGML_KERNELS(q5_0_q8, kQ5_0Q8)
 EMBER_GGML_KERNELS(q6_k_q8, kQ6_KQ8)
 
 // Several projections fused along out_features whose weights differ in kind (Q5_0 q and k with a Q8_0 v):

@@ -14,10 +14,11 @@ do not drift from the file's. Which kernel runs depends on the rows of x:
 On a CPU whose products are AVX2 (no AVX-512), Q4_0, Q4_1 and Q4_K rows are
 held in the 4-bit lane layout of `nibble_lanes.py` instead: the same codes and
 exact scales rearranged, about twice as fast to multiply one row at a time.
-Their decode products, and those of Q8_0, Q5_0 and Q6_K blocks, then round the
-activations to 8 bits per 32 values and multiply integers, as llama.cpp does
-for these types (a Q4_1 row 1.5-1.8x faster again; the rounding is at most
-1/254 of each group's largest activation). Set EMBER_EXACT_ACTIVATIONS=1 to
+Their decode products, and those of Q8_0, Q5_0 (widened to Q8_0 blocks of the
+same values, `widened_blocks.py`) and Q6_K blocks, then round the activations
+to 8 bits per 32 values and multiply integers, as llama.cpp does for these
+types (a Q4_1 row 1.5-1.8x faster again; the rounding is at most 1/254 of each
+group's largest activation). Set EMBER_EXACT_ACTIVATIONS=1 to
 keep float32 activations (products as exact as the other kernels'); the
 weights are the file's values either way.
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from ember.errors import ModelLoadError
-from ember.quant import native_ggml, nibble_lanes
+from ember.quant import native_ggml, nibble_lanes, widened_blocks
 from ember.quant.describe import describe_layer
 from ember.quant.float_linear import _finish, _plain_linear, _rows
 from ember.quant.ggml_blocks import BlockQuantizedTensor
@@ -114,7 +115,10 @@ class GGMLLinear:
     def _stored_rows(self, file_rows: np.ndarray, lanes: bool, rounded: bool) -> tuple[str, np.ndarray]:
         """The kernel's name and the rows it reads: the file's blocks copied, or the same codes in the lane
         layout, in compact records where every field is exactly a float16 and the activations are
-        rounded (those products read the rows at memory speed, so the bytes saved are time saved)."""
+        rounded (those products read the rows at memory speed, so the bytes saved are time saved);
+        with rounded activations Q5_0 is widened to Q8_0 blocks of the same values (`widened_blocks`)."""
+        if not lanes and rounded and self.quant_type == "Q5_0":
+            return native_ggml.ROUNDED_BLOCK_KERNELS["Q5_0"], widened_blocks.q5_0_as_q8_0(file_rows)
         if not lanes:
             kernel = native_ggml.ROUNDED_BLOCK_KERNELS[self.quant_type] if rounded else self.quant_type
             return kernel, np.array(file_rows, copy=True)
@@ -135,6 +139,8 @@ class GGMLLinear:
         stem = native_ggml.KERNEL_TYPES[self.quant_type]
         if self.backend != "native":
             return f"{stem} portable (torch)"
+        if self.quant_type == "Q5_0" and self.kernel == native_ggml.ROUNDED_BLOCK_KERNELS["Q5_0"]:
+            return f"{stem} native ({native_ggml.instruction_set()}, as 8-bit codes, 8-bit activations)"
         layout = {
             native_ggml.LANES4: ", 4-bit lanes",
             native_ggml.LANES4_Q8: ", 4-bit lanes, 8-bit activations",

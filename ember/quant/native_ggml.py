@@ -31,11 +31,12 @@ KERNEL_TYPES: dict[str, str] = {
 LANES4 = "LANES4"
 LANES4_Q8 = "LANES4_Q8"
 LANES4_HALF_Q8 = "LANES4_HALF_Q8"  # compact records (float16 fields), with 8-bit activations
-# Q8_0, Q5_0 and Q6_K blocks as stored, multiplied with activations rounded to 8 bits (integer dots)
-ROUNDED_BLOCK_KERNELS: dict[str, str] = {"Q8_0": "Q8_0_Q8", "Q5_0": "Q5_0_Q8", "Q6_K": "Q6_K_Q8"}
+# Q8_0 and Q6_K blocks as stored (Q5_0 widened to Q8_0 at load: `widened_blocks`), multiplied with
+# activations rounded to 8 bits (integer dots)
+ROUNDED_BLOCK_KERNELS: dict[str, str] = {"Q8_0": "Q8_0_Q8", "Q5_0": "Q8_0_Q8", "Q6_K": "Q6_K_Q8"}
 _STEMS: dict[str, str] = {
     **KERNEL_TYPES, LANES4: "lanes4", LANES4_Q8: "lanes4_q8", LANES4_HALF_Q8: "lanes4h_q8",
-    "Q8_0_Q8": "q8_0_q8", "Q5_0_Q8": "q5_0_q8", "Q6_K_Q8": "q6_k_q8",
+    "Q8_0_Q8": "q8_0_q8", "Q6_K_Q8": "q6_k_q8",
 }  # fmt: skip
 
 _SOURCE_FILE = Path(__file__).with_name("ggml_kernels.cpp")
