@@ -13,6 +13,9 @@ from server_harness import running_server
 pytestmark = pytest.mark.timeout(180)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Its first token is a near tie for SmolLM2 ("The" 25.33, "L" 25.24): with 8-bit activations (AVX2) ember
+# answers "L'Étoile de France, ...", as llama-server does on the same file. This one has a clear answer.
+FACT_QUESTION = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +48,14 @@ def metric_value(server, name: str) -> float:
 
 
 def test_chat_plain_reply_and_usage_match_tokenize(server, client):
-    reply = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24, temperature=0)
+    reply = client.chat.completions.create(
+        model="smollm2", messages=FACT_QUESTION, max_tokens=24, temperature=0
+    )
     choice = reply.choices[0]
     assert "Paris" in choice.message.content
     assert choice.finish_reason in ("stop", "length")
     assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
-    counted = httpx.post(server.base_url + "/tokenize", json={"messages": QUESTION}).json()
+    counted = httpx.post(server.base_url + "/tokenize", json={"messages": FACT_QUESTION}).json()
     assert reply.usage.prompt_tokens == counted["count"]
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert reply.usage.prompt_tokens_details.cached_tokens >= 0

@@ -55,8 +55,13 @@ def build_model(
     if quant != "none" and device.type == "cpu" and cpu_multiplies_bfloat16():
         expand_dtype = torch.bfloat16
 
+    # a family whose quantized files are held to a reference made without 8-bit activations says so
+    rounded = None if getattr(model_class, "rounds_activations", True) else False
+
     def linear_factory(weights: list[Any], biases: list[torch.Tensor] | None) -> Any:
-        return make_linear(weights, biases, quant=quant, dtype=expand_dtype, device=device)
+        return make_linear(
+            weights, biases, quant=quant, dtype=expand_dtype, device=device, rounded_activations=rounded
+        )
 
     return model_class(
         checkpoint.config,

@@ -18,9 +18,9 @@ Their decode products, and those of Q8_0, Q5_0 (widened to Q8_0 blocks of the
 same values, `widened_blocks.py`) and Q6_K blocks, then round the activations
 to 8 bits per 32 values and multiply integers, as llama.cpp does for these
 types (a Q4_1 row 1.5-1.8x faster again; the rounding is at most 1/254 of each
-group's largest activation). Set EMBER_EXACT_ACTIVATIONS=1 to
-keep float32 activations (products as exact as the other kernels'); the
-weights are the file's values either way.
+group's largest activation). Set EMBER_EXACT_ACTIVATIONS=1 to keep float32
+activations (products as exact as the other kernels'); the weights are the
+file's values either way.
 
 `ConcatLinear` fuses projections whose tensors differ in type (Gemma 3's
 Q5_0 q and k with a Q8_0 v) without converting any of them.
@@ -45,7 +45,7 @@ from ember.quant.ggml_dequant import BLOCK_SIZES, dequantize
 NATIVE_GGML_ROWS = 32
 _CHUNK_FLOATS = 1 << 20  # float32 values of weight expanded at a time for many rows (4 MiB)
 GGML_KERNEL_TYPES = tuple(native_ggml.KERNEL_TYPES)
-EXACT_ACTIVATIONS_VARIABLE = "EMBER_EXACT_ACTIVATIONS"  # "1": lane-layout products keep float32 activations
+EXACT_ACTIVATIONS_VARIABLE = "EMBER_EXACT_ACTIVATIONS"  # "1": AVX2 decode products keep float32 activations
 
 
 def check_blocks(quant_type: str, shape: Sequence[int], num_bytes: int, name: str = "") -> None:

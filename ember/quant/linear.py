@@ -111,8 +111,12 @@ def make_linear(
     dtype: torch.dtype = torch.float32,
     group_size: int = 32,
     device: torch.device | str = "cpu",
+    rounded_activations: bool | None = None,
 ) -> Linear:
     """Build the layer for a weight (or a list of weights, fused along out_features).
+
+    `rounded_activations`: for GGML block layers, whether decode products may round the activations to
+    8 bits (None: where that is the fast form, on AVX2; False: float32 activations; see GGMLLinear).
 
     quant "none" keeps the exact (dequantized) float weight in `dtype`; "int8" and
     "int4" keep low-bit weights and use `dtype` for the dequantized weight that
@@ -136,7 +140,9 @@ def make_linear(
     if isinstance(weight, (list, tuple)) and quant != "none" and _mixed_block_types(weight, device):
         # parts of different GGML types (Gemma 3's Q5_0 q and k, Q8_0 v): each kept as stored, side by side
         biases = bias if isinstance(bias, (list, tuple)) else [bias] + [None] * (len(weight) - 1)
-        parts = [make_linear(part, None, quant, dtype, group_size, device) for part in weight]
+        parts = [
+            make_linear(part, None, quant, dtype, group_size, device, rounded_activations) for part in weight
+        ]
         return ConcatLinear(parts, _concat_biases(biases, [part.shape[0] for part in weight]))
     if isinstance(weight, (list, tuple)):
         sizes = [part.shape[0] for part in weight]
@@ -147,14 +153,14 @@ def make_linear(
     if len(weight.shape) != 2:
         raise ModelLoadError(f"a linear weight must be 2-D, got shape {tuple(weight.shape)}")
     if quant != "none" and isinstance(weight, BlockQuantizedTensor):
-        stored = _stored_form(weight, bias, dtype, device)
+        stored = _stored_form(weight, bias, dtype, device, rounded_activations)
         if stored is not None:
             return stored
     float_weight = weight.dequantize() if isinstance(weight, BlockQuantizedTensor) else weight
     float_weight = float_weight.to(device)
     blocks = _as_ggml_blocks(float_weight, quant, group_size)
     if blocks is not None:
-        return GGMLLinear(blocks, bias, dtype)
+        return GGMLLinear(blocks, bias, dtype, rounded_activations=rounded_activations)
     if quant == "int4":
         return Int4Linear.quantize(float_weight, bias, group_size, dtype)
     if quant == "int8":
@@ -163,7 +169,11 @@ def make_linear(
 
 
 def _stored_form(
-    weight: BlockQuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+    weight: BlockQuantizedTensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    rounded_activations: bool | None = None,
 ) -> Linear | None:
     """The layer that runs a GGML tensor from its own values (None: no kernel for its type or device).
 
@@ -178,7 +188,7 @@ def _stored_form(
         codes, scales, minimums = _block_fields(weight)
         return Int4Linear(codes.to(device), scales.to(device), minimums.to(device), bias, 32, dtype)
     if weight.quant_type in GGML_KERNEL_TYPES and device.type == "cpu":
-        return GGMLLinear(weight, bias, dtype)
+        return GGMLLinear(weight, bias, dtype, rounded_activations=rounded_activations)
     return None
 
 

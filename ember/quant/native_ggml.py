@@ -83,8 +83,7 @@ def concat_address() -> int:
 def matmul(kernel_name: str, x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (M, K) float32 contiguous times the (out_features, K) weight in `blocks` -> (M, out_features).
     `kernel_name` is the GGML type of the blocks, LANES4 / LANES4_Q8 / LANES4_HALF_Q8 for rows in the
-    lane layout, or a
-    ROUNDED_BLOCK_KERNELS value for blocks multiplied with 8-bit activations."""
+    lane layout, or a ROUNDED_BLOCK_KERNELS value for blocks multiplied with 8-bit activations."""
     rows, columns = x.shape
     y = torch.empty(rows, out_features, dtype=torch.float32)
     kernel = getattr(load(), f"ember_ggml_{_STEMS[kernel_name]}_matmul")

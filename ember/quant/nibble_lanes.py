@@ -55,17 +55,18 @@ def lane_rows(
     # (rows, records, 4): scale and offset of each record's two groups
     fields = np.stack([scales[:, 0::2], offsets[:, 0::2], scales[:, 1::2], offsets[:, 1::2]], axis=-1)
     fields = fields.astype("<f4")
-    field_bytes = 16
+    record_bytes = RECORD_BYTES
     if half_fields:
         with np.errstate(over="ignore"):
             halves = fields.astype("<f2")
         if not np.array_equal(halves.astype("<f4"), fields):
             return None
-        fields, field_bytes = halves, 8
-    out = np.empty((rows, records, field_bytes + 32), dtype=np.uint8)
+        fields, record_bytes = halves, HALF_RECORD_BYTES
+    field_bytes = record_bytes - 32  # then the 8 code words
+    out = np.empty((rows, records, record_bytes), dtype=np.uint8)
     out[..., :field_bytes] = fields.view(np.uint8).reshape(rows, records, field_bytes)
     out[..., field_bytes:] = words.view(np.uint8).reshape(rows, records, 32)
-    return out.reshape(rows, records * (field_bytes + 32))
+    return out.reshape(rows, records * record_bytes)
 
 
 def _halves(raw: np.ndarray) -> np.ndarray:
