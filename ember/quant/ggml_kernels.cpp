@@ -688,8 +688,7 @@ inline void round_lane_row(const float* x, int64_t records, int8_t* codes, float
     }
 }
 
-// One lane-layout weight row's dots with R rounded activation rows, each row's sums in the same order
-// whatever R (a row's product is the same alone and in a batch).
+// A lane record's four fields (scale_a, offset_a, scale_b, offset_b) as float32.
 template <bool kHalf>
 inline void lane_fields(const uint8_t* record, float* fields) {
     if (kHalf) {
@@ -699,7 +698,8 @@ inline void lane_fields(const uint8_t* record, float* fields) {
     }
 }
 
-// kHalf: compact records (float16 fields).
+// One lane-layout weight row's dots with R rounded activation rows, each row's sums in the same order
+// whatever R (a row's product is the same alone and in a batch). kHalf: compact records (float16 fields).
 template <bool kHalf, int R>
 inline void lanes4_q8_dots(const uint8_t* row, const LaneActivations& x, int64_t first_row, float* y,
                            int64_t y_stride) {
@@ -914,7 +914,8 @@ inline void q6_k_dots(const uint8_t* row, const int8_t* codes, const float* scal
                     const __m256i q = _mm256_loadu_si256((const __m256i*)(codes + r * columns + 32 * group));
                     const __m256i pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(q, signed_codes));
                     const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, weights));
-                    total[r][k & 1] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d * scales[r * groups + group]), total[r][k & 1]);
+                    const __m256 scale = _mm256_set1_ps(d * scales[r * groups + group]);
+                    total[r][k & 1] = _mm256_fmadd_ps(sum, scale, total[r][k & 1]);
                 }
             }
         }
