@@ -393,11 +393,11 @@ class Engine:
         for sequence in list(self.waiting):
             if budget <= 0:
                 break
-            if sequence.status is SequenceStatus.WAITING:
-                if joining >= self.max_batch_size or not self._start_prefill(sequence, outputs):
-                    break
-                if sequence.status is SequenceStatus.FINISHED:
-                    continue  # it could not start (its failure is in outputs)
+            admitted = self._admit(sequence, joining, outputs)
+            if admitted is None:
+                continue
+            if not admitted:
+                break
             prompt, start = sequence.all_token_ids, len(sequence.cache_entry.token_ids)
             chunk = prompt[start : start + budget]
             riders.append((sequence, chunk))
@@ -522,12 +522,12 @@ class Engine:
         budget = self._interleaved_budget() if decoding else self.prefill_chunk_size
         while budget > 0 and self.waiting:
             sequence = self.waiting[0]
-            if sequence.status is SequenceStatus.WAITING:
-                running = sum(1 for s in self.running if s.status is SequenceStatus.RUNNING)
-                if running >= self.max_batch_size or not self._start_prefill(sequence, outputs):
-                    return
-                if sequence.status is SequenceStatus.FINISHED:
-                    continue
+            running = sum(1 for s in self.running if s.status is SequenceStatus.RUNNING)
+            admitted = self._admit(sequence, running, outputs)
+            if admitted is None:
+                continue
+            if not admitted:
+                return
             try:
                 started = time.perf_counter()
                 used, logits = self._prefill_chunk(sequence, budget)
@@ -562,6 +562,17 @@ class Engine:
             return min(self.interleaved_prefill_chunk, self.prefill_chunk_size)
         tokens = int(self.interleaved_gap_ratio * self._decode_seconds / self._prefill_token_seconds)
         return max(fewest, min(tokens, self.prefill_chunk_size))
+
+    def _admit(self, sequence: Sequence, joining: int, outputs: list[StepOutput]) -> bool | None:
+        """Whether the queue's next prompt can be read now, `joining` sequences running or joining: True
+        (it holds a cache entry, from an earlier step or now), False (it waits: the batch is full or the
+        cache has no room yet), None (it could not start and has left the queue; its failure is in
+        outputs)."""
+        if sequence.status is not SequenceStatus.WAITING:
+            return True
+        if joining >= self.max_batch_size or not self._start_prefill(sequence, outputs):
+            return False
+        return None if sequence.status is SequenceStatus.FINISHED else True
 
     def _start_prefill(self, sequence: Sequence, outputs: list[StepOutput]) -> bool:
         """Give the head of the queue a cache entry; False when it must wait for room."""
